@@ -1,0 +1,239 @@
+"""`mcpm-export`: a thin CLI over exporter.api. Every command prints its resolved settings."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from . import __version__, api
+from .errors import ExportError
+from .progress import Progress, console, stdout
+from .recipes import KNOWN_TARGETS, load_recipes
+from targets.tvm.presets import PRESETS as SOC_PRESETS
+
+
+def user_errors(fn):
+    """ExportError -> one line on stderr, exit 1."""
+    @wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ExportError as e:
+            console.print(f"[red]error:[/] {e}", soft_wrap=True)
+            sys.exit(1)
+    return wrapper
+
+
+def show_settings(title: str, **settings) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for k, v in settings.items():
+        if v is not None:
+            table.add_row(k, str(v))
+    console.print(table)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="mcpm-export")
+def main():
+    """MiniCPM checkpoints to phone-ready bundles (Android, HarmonyOS, iOS)."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def recipes(as_json):
+    """List the model variants (recipes/*.toml)."""
+    recs = load_recipes()
+    if as_json:
+        click.echo(json.dumps({n: {"repo_id": r.repo_id, "family": r.family, "quantization": r.quantization,
+                                   "context_window": r.context_window, "prefill_chunk": r.prefill_chunk,
+                                   "targets": list(r.targets), **r.dims} for n, r in recs.items()}, indent=2))
+        return
+    table = Table(title="mcpm-export recipes")
+    for col in ("name", "repo id", "family", "hidden x layers", "vocab", "scheme", "context", "chunk", "targets"):
+        table.add_column(col)
+    for n, r in recs.items():
+        table.add_row(n, r.repo_id, r.family, f"{r.dims.get('hidden_size')} x {r.dims.get('num_hidden_layers')}",
+                      str(r.dims.get("vocab_size")), r.quantization, str(r.context_window),
+                      str(r.prefill_chunk), ",".join(r.targets))
+    stdout.print(table)
+
+
+@main.command()
+@click.option("--model", "recipe", default="tiny", show_default=True)
+@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--quant", type=click.Choice(["int4"]), default=None, help="Run the recipe's quantized weights.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def generate(recipe, checkpoint, prompt, max_new_tokens, quant, as_json):
+    """Greedy generation with the PyTorch reference model."""
+    res = api.generate(recipe, prompt, max_new_tokens, checkpoint, quant)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(prompt + res["text"])
+
+
+@main.command(name="eval")
+@click.option("--model", "recipe", default="tiny", show_default=True)
+@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--text", "text_file", type=click.Path(), required=True)
+@click.option("--windows", default=40, show_default=True, help="How many 512-token windows.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def eval_cmd(recipe, checkpoint, text_file, windows, as_json):
+    """Perplexity of the fp model and of the quantized model on a text."""
+    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    table = Table(title=f"perplexity on {res['text']} ({res['tokens']} tokens)")
+    for col in ("recipe", "scheme", "ppl fp", "ppl quantized", "loss"):
+        table.add_column(col)
+    table.add_row(res["recipe"], res["scheme"], f"{res['ppl_fp']:.3f}", f"{res['ppl_int4']:.3f}",
+                  f"{res['loss_pct']:+.2f}%")
+    stdout.print(table)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--serial", "serials", multiple=True, help="Handset serial (repeatable); default: the only one.")
+@click.option("--all", "all_devices", is_flag=True, help="Every handset the adb server lists.")
+@click.option("--prompt-len", default=512, show_default=True)
+@click.option("--gen-len", default=128, show_default=True)
+@click.option("--repeat", default=5, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="Runner threads [runner default].")
+@click.option("--backend", type=click.Choice(["cpu", "opencl"]), default="cpu", show_default=True)
+@click.option("--cooldown-temp", type=float, default=None, help="Wait until battery <= C before each trial.")
+@click.option("--timeout", "trial_timeout", default=900.0, show_default=True, help="Seconds per runner trial.")
+@click.option("--adb-host", default=None, help="Remote adb server host (adb -H).")
+@click.option("--adb-port", type=int, default=None, help="adb server port (adb -P).")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@user_errors
+def bench(bundle, serials, all_devices, prompt_len, gen_len, repeat, warmup, threads, backend, cooldown_temp,
+          trial_timeout, adb_host, adb_port, out):
+    """Benchmark a bundle's runner on adb handsets (concurrently); writes JSON, CSV and a PNG chart."""
+    from device_tests.harness import BenchConfig, bench as run, failures
+
+    cfg = BenchConfig(prompt_len=prompt_len, gen_len=gen_len, repeat=repeat, warmup=warmup, threads=threads,
+                      backend=backend, cooldown_temp=cooldown_temp, trial_timeout_s=trial_timeout)
+    show_settings("mcpm-export bench", bundle=bundle, serials=",".join(serials) or None, all=all_devices or None,
+                  adb=f"{adb_host or 'localhost'}:{adb_port or 5037}", out=out, **vars(cfg))
+    report, _ = run(Path(bundle), Path(out), list(serials) or None, all_devices, cfg, adb_host, adb_port, console)
+    failed = failures(report)
+    if failed:
+        raise ExportError(f"{len(failed)} of {len(report['handsets'])} handset(s) failed: " + "; ".join(failed))
+
+
+@main.command(name="run")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print tokens, text, prefill_tok_s, decode_tok_s as JSON.")
+@click.option("--image", type=click.Path(), default=None, help="An image for a vision bundle (v-int4, v2-int4).")
+@user_errors
+def run_cmd(bundle, prompt, max_new_tokens, as_json, image):
+    """Greedy generation with an android/harmony bundle's host (x86_64) build."""
+    from targets.tvm.runner import run_bundle
+
+    if image is not None:
+        from targets.tvm_vision import run_bundle_with_image
+        res = run_bundle_with_image(Path(bundle), Path(image), prompt, max_new_tokens)
+    else:
+        res = run_bundle(Path(bundle), prompt, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(prompt + res["text"])
+        if image is not None:
+            per = ", ".join(f"{t * 1000:.0f}" for t in res["vision_encode_s"])
+            console.print(f"vision encode {res['vision_total_s']:.2f} s for {len(res['vision_encode_s'])} "
+                          f"image(s) (ms each: {per}); {res['prompt_tokens']} prompt tokens")
+        console.print(f"prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.1f} tok/s "
+                      f"({res['backend']})")
+
+
+@main.command(name="runner")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also copy the runner here (replaces DIR) [only build into the cache].")
+@click.option("--force", is_flag=True, help="Rebuild even when a cached build exists.")
+@user_errors
+def runner_cmd(out, force):
+    """Cross-compile the on-device runner mcpm-run (aarch64, cached, reproducible)."""
+    from runner.build import build_runner, copy_runner, default_cache_dir
+
+    show_settings("mcpm-export runner", cache=default_cache_dir(), out=out, force=force or None)
+    built = build_runner(force=force)
+    if out:
+        copy_runner(built, Path(out))
+    console.print(f"[bold green]runner ready:[/] {Path(out) if out else built}")
+
+
+@main.command(name="image-plan")
+@click.argument("image", type=click.Path())
+@click.option("--model", "recipe", default="v2-int4", show_default=True, help="A vision recipe.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def image_plan(image, recipe, as_json):
+    """How a vision recipe slices IMAGE: grid, slice sizes, number of image tokens."""
+    from .recipes import get_recipe
+    from .vision.slicing import plan_file
+
+    res = plan_file(Path(image), get_recipe(recipe))
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    show_settings(f"image plan ({res['recipe']})", image=res["image"], size="x".join(map(str, res["size"])),
+                  thumbnail="x".join(map(str, res["thumbnail"])),
+                  grid=f"{res['grid'][0]} cols x {res['grid'][1]} rows" if res["grid"] else "none (not sliced)",
+                  slice="x".join(map(str, res["slice"])) if res["slice"] else None,
+                  encoded_images=res["num_images"], feature_tokens=res["image_feature_tokens"],
+                  prompt_image_tokens=res["prompt_image_tokens"])
+
+
+# Target-specific options; every export command also gets the common ones below.
+TARGET_OPTIONS = {
+    "android": [click.Option(["--backend"], type=click.Choice(["cpu", "opencl", "all"]), default="cpu",
+                             show_default=True, help="aarch64 CPU code, OpenCL kernels, or both."),
+                click.Option(["--soc"], type=click.Choice(list(SOC_PRESETS)), default="generic",
+                             show_default=True, help="CPU preset (mcpu/mattr) from targets/tvm/presets.py.")],
+    "ios": [click.Option(["--deployment-target"], default="iOS18", show_default=True)],
+}
+TARGET_OPTIONS["harmony"] = TARGET_OPTIONS["android"]
+
+
+def make_export_command(target: str) -> click.Command:
+    @user_errors
+    def run(recipe, checkpoint, out, force, allow_quality_loss, **options):
+        out = out or str(api.default_out(recipe, target))
+        show_settings(f"mcpm-export {target}", recipe=recipe, checkpoint=checkpoint or "(resolved offline)",
+                      out=out, force=force, **options)
+        bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss,
+                            Progress(), **options)
+        console.print(f"[bold green]bundle ready:[/] {bundle}")
+
+    params = [
+        click.Option(["--model", "recipe"], default="tiny", show_default=True, help="Recipe name."),
+        click.Option(["--checkpoint"], type=click.Path(), default=None,
+                     help="Checkpoint directory (default: embedded copy or Hugging Face cache)."),
+        click.Option(["--out"], type=click.Path(), default=None, help="Bundle directory [dist/RECIPE-TARGET]."),
+        click.Option(["--force"], is_flag=True, help="Replace a non-empty --out."),
+        click.Option(["--allow-quality-loss"], is_flag=True, help="Export even if the quality gate fails."),
+        *TARGET_OPTIONS.get(target, []),
+    ]
+    return click.Command(target, callback=run, params=params, help=f"Export a {target} bundle.")
+
+
+for _target in KNOWN_TARGETS:
+    main.add_command(make_export_command(_target))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Perplexity, calibration statistics, and the int4 quality gate."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ExportError
+from .model import MiniCPM
+
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+WINDOW = 512
+
+
+def windows(ids: list[int], window: int = WINDOW, count: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of the token stream (the last partial one dropped)."""
+    n = len(ids) // window
+    if count is not None:
+        n = min(n, count)
+    return [ids[i * window:(i + 1) * window] for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity(model: MiniCPM, ids: list[int], window: int = WINDOW, count: int | None = None,
+               on_window=None) -> float:
+    wins = windows(ids, window, count)
+    if not wins:
+        raise ExportError(f"text too short for perplexity: {len(ids)} tokens < one {window}-token window")
+    nll, n = 0.0, 0
+    for w in wins:
+        x = torch.tensor([w])
+        logits = model(x)
+        nll += F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum").item()
+        n += len(w) - 1
+        if on_window:
+            on_window()
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def input_importance(model: MiniCPM, ids: list[int], window: int = WINDOW, count: int = 8) -> dict[str, torch.Tensor]:
+    """E[x^2] per input channel of every linear layer (and of the LM head), canonical names."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def record(name):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(record(name + ".weight")))
+    head = "tok_embeddings.weight" if model.output is None else "output.weight"
+    orig_norm = model.norm.forward
+
+    def norm_hook(x):
+        y = orig_norm(x)
+        record(head)(None, (y / model.cfg.logit_scale,))
+        return y
+
+    model.norm.forward = norm_hook
+    try:
+        for w in windows(ids, window, count):
+            model(torch.tensor([w]))
+    finally:
+        model.norm.forward = orig_norm
+        for h in hooks:
+            h.remove()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+@dataclass
+class QualityReport:
+    ppl_fp: float
+    ppl_int4: float
+    tokens: int
+    windows: int
+    text: str
+    threshold_pct: float
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * (self.ppl_int4 / self.ppl_fp - 1.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loss_pct"] = round(self.loss_pct, 3)
+        d["ppl_fp"], d["ppl_int4"] = round(self.ppl_fp, 4), round(self.ppl_int4, 4)
+        return d
+
+
+def gate(report: QualityReport, override: bool = False) -> None:
+    """Stop the export when int4 loses more perplexity than the recipe allows."""
+    if report.loss_pct > report.threshold_pct and not override:
+        raise ExportError(f"quality gate: int4 perplexity {report.ppl_int4:.3f} is {report.loss_pct:.2f}% "
+                          f"above fp {report.ppl_fp:.3f} on {report.text}, over the recipe's "
+                          f"{report.threshold_pct}% limit (--allow-quality-loss to export anyway)")

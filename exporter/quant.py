@@ -1,0 +1,192 @@
+"""Two-phase weight quantization: pack offline (here), dequantize at run time (in each target).
+
+Layout q4f16 (MLC-LLM's q4f16_1, see docs/DESIGN.md): per output row, groups of 32 inputs, one fp16
+scale per group, 4-bit codes q in 0..15 packed 8 per uint32 (element k in word k//8, bits 4*(k%8)),
+w = (q - 7) * scale. Scheme q4f16_e8 keeps the embedding (and tied head) at 8 bits per group of 32.
+
+Scales are not plain round-to-nearest absmax: each group's scale is searched over a grid of clipping
+ratios to minimise the error weighted by the layer's input second moments (E[x^2] per input channel,
+gathered from calibration text), an activation-aware clipping search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+GROUP = 32
+Q4_ZERO = 7          # w = (q - 7) * scale, q in 0..15
+Q4_MIN, Q4_MAX = -7, 8
+Q8_MAX = 127
+CLIP_GRID = np.linspace(1.0, 0.55, 19)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    linear_bits: int | None      # None: keep fp16
+    embedding_bits: int | None
+    description: str
+
+
+SCHEMES = {
+    "q4f16": Scheme("q4f16", 4, 4, "int4 group-32 for every weight incl. embedding/tied head"),
+    "q4f16_e8": Scheme("q4f16_e8", 4, 8, "int4 group-32 linears; embedding/tied head int8 group-32"),
+    "fp16": Scheme("fp16", None, None, "fp16 weights, no quantization"),
+}
+
+
+# ---------------------------------------------------------------- NumPy reference pack / unpack
+def pack_int4_reference(q: np.ndarray) -> np.ndarray:
+    """Codes [out, in] in 0..15 -> uint32 [out, in/8]; slow, obvious loop (the spec)."""
+    out, n = q.shape
+    packed = np.zeros((out, n // 8), dtype=np.uint32)
+    for k in range(n):
+        packed[:, k // 8] |= q[:, k].astype(np.uint32) << np.uint32(4 * (k % 8))
+    return packed
+
+
+def unpack_int4_reference(packed: np.ndarray) -> np.ndarray:
+    out, words = packed.shape
+    q = np.zeros((out, words * 8), dtype=np.uint8)
+    for k in range(words * 8):
+        q[:, k] = (packed[:, k // 8] >> np.uint32(4 * (k % 8))) & 0xF
+    return q
+
+
+# ---------------------------------------------------------------- fast path
+def pack_codes(q: np.ndarray) -> np.ndarray:
+    """Codes [out, in] (uint8, 0..15) -> uint32 [out, in/8], vectorised."""
+    out, n = q.shape
+    q = q.reshape(out, n // 8, 8).astype(np.uint32)
+    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+    return np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32)
+
+
+def unpack_codes(packed: np.ndarray) -> np.ndarray:
+    out, words = packed.shape
+    shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
+    return ((packed[:, :, None] >> shifts) & 0xF).astype(np.uint8).reshape(out, words * 8)
+
+
+def unpack_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Dequantize q4f16 to float32 [out, in]."""
+    q = unpack_codes(packed).astype(np.float32) - Q4_ZERO
+    out, n = q.shape
+    return (q.reshape(out, n // GROUP, GROUP) * scale.astype(np.float32)[:, :, None]).reshape(out, n)
+
+
+def unpack_int8(q8: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    out, n = q8.shape
+    return (q8.astype(np.float32).reshape(out, n // GROUP, GROUP)
+            * scale.astype(np.float32)[:, :, None]).reshape(out, n)
+
+
+def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Per-group scale minimising importance-weighted squared error over CLIP_GRID. w: [R, G, 32]."""
+    qmin, qmax = (Q4_MIN, Q4_MAX) if bits == 4 else (-Q8_MAX, Q8_MAX)
+    absmax = w.abs().amax(-1).clamp_min(1e-8)
+    imp = torch.ones(w.shape[1:], dtype=w.dtype) if importance is None else importance
+    best_err = torch.full(absmax.shape, float("inf"))
+    best = absmax / (-qmin)
+    for ratio in CLIP_GRID:
+        s = (absmax * float(ratio) / (-qmin)).half().float().clamp_min(1e-8)
+        deq = (w / s[..., None]).round().clamp(qmin, qmax) * s[..., None]
+        err = ((deq - w).pow(2) * imp).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def quantize_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
+                    search: bool = True, rows_per_chunk: int = 4096):
+    """w: [out, in] float -> (codes/values, fp16 scales). int4: (uint32 [out,in/8], f16 [out,in/32]);
+    int8: (int8 [out,in], f16 [out,in/32]). importance: E[x^2] per input channel, shape [in]."""
+    out, n = w.shape
+    if n % GROUP:
+        raise ValueError(f"input dim {n} is not a multiple of the group size {GROUP}")
+    imp = None if importance is None else importance.float().reshape(n // GROUP, GROUP)
+    if imp is not None:
+        imp = imp / imp.mean().clamp_min(1e-12)
+    packs, scales = [], []
+    for r0 in range(0, out, rows_per_chunk):
+        wc = w[r0:r0 + rows_per_chunk].float().reshape(-1, n // GROUP, GROUP)
+        if search:
+            s = _search_scales(wc, imp, bits)
+        else:
+            s = (wc.abs().amax(-1) / (7 if bits == 4 else Q8_MAX)).half().float().clamp_min(1e-8)
+        if bits == 4:
+            q = (wc / s[..., None]).round().clamp(Q4_MIN, Q4_MAX) + Q4_ZERO
+            packs.append(pack_codes(q.reshape(-1, n).to(torch.uint8).numpy()))
+        else:
+            q = (wc / s[..., None]).round().clamp(-Q8_MAX, Q8_MAX)
+            packs.append(q.reshape(-1, n).to(torch.int8).numpy())
+        scales.append(s.half().numpy())
+    return np.concatenate(packs), np.concatenate(scales)
+
+
+@dataclass
+class QTensor:
+    """One quantized weight. bits 4: data uint32 [out, in/8]; bits 8: data int8 [out, in]."""
+    bits: int
+    data: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out = self.data.shape[0]
+        return (out, self.data.shape[1] * (8 if self.bits == 4 else 1))
+
+    def dequantize(self) -> np.ndarray:
+        return unpack_int4(self.data, self.scale) if self.bits == 4 else unpack_int8(self.data, self.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes
+
+
+@dataclass
+class QuantizedModel:
+    """Canonical-name tensors: QTensor for quantized weights, fp16 numpy arrays for the rest."""
+    scheme: Scheme
+    tensors: dict[str, "QTensor | np.ndarray"] = field(default_factory=dict)
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        """The float32 state dict the reference model runs for 'PyTorch int4'."""
+        return {k: torch.from_numpy(v.dequantize() if isinstance(v, QTensor) else v.astype(np.float32))
+                for k, v in self.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.tensors.values())
+
+
+def is_linear(name: str) -> bool:
+    return name.endswith(".weight") and (".attention.w" in name or ".feed_forward.w" in name)
+
+
+def is_embedding(name: str) -> bool:
+    return name in ("tok_embeddings.weight", "output.weight")
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], scheme: str | Scheme,
+                        importance: dict[str, torch.Tensor] | None = None,
+                        search: bool = True, on_tensor=None) -> QuantizedModel:
+    """Quantize every linear weight and the embedding/head per the scheme; the rest goes fp16.
+
+    importance maps a canonical weight name to E[x^2] of its input channels (from calibration).
+    on_tensor(name) is called after each tensor (progress)."""
+    scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
+    qm = QuantizedModel(scheme)
+    for name, w in state.items():
+        bits = scheme.linear_bits if is_linear(name) else scheme.embedding_bits if is_embedding(name) else None
+        if bits is None:
+            qm.tensors[name] = w.to(torch.float16).numpy()
+        else:
+            imp = (importance or {}).get(name)
+            qm.tensors[name] = QTensor(bits, *quantize_weight(w, bits, imp, search))
+        if on_tensor:
+            on_tensor(name)
+    return qm

@@ -1,0 +1,196 @@
+"""Run a saved Core ML ML Program on Linux with NumPy (coremltools cannot predict off Apple OSes).
+
+The package is loaded back with coremltools' own MIL-proto reader, then every op of a function is
+evaluated in order. Ops reuse coremltools' per-op ``value_inference`` (the same code the
+converter uses for constant folding) with the runtime values plugged into the op's input vars;
+the rest is implemented here: state read/write, constexpr weight decompression, slice_update,
+gather, and linear/matmul (float32 accumulation, result rounded to the op's float16 output, the
+way Core ML's GPU/ANE kernels store activations).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from exporter.errors import ExportError
+
+logging.getLogger("coremltools").setLevel(logging.ERROR)
+import coremltools as ct  # noqa: E402
+from coremltools.converters.mil.frontend.milproto.load import load as load_milproto  # noqa: E402
+from coremltools.converters.mil.mil import types  # noqa: E402
+from coremltools.converters.mil.mil.var import ListVar  # noqa: E402
+
+
+def load_program(package: Path):
+    """The MIL Program stored in an .mlpackage (all functions)."""
+    model_file = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    if not model_file.is_file():
+        raise ExportError(f"{package}: not an .mlpackage (no Data/com.apple.CoreML/model.mlmodel)")
+    spec = ct.utils.load_spec(str(package))
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    return load_milproto(spec, spec.specificationVersion, file_weights_dir=str(weights))
+
+
+def _np_dtype(var) -> np.dtype:
+    return np.dtype(types.nptype_from_builtin(var.dtype))
+
+
+def _input_vars(op):
+    for v in op.inputs.values():
+        yield from (v if isinstance(v, (list, tuple)) else (v,))
+
+
+def _linear(op, val):
+    x = val(op.x).astype(np.float32)
+    y = x @ val(op.weight).astype(np.float32).T
+    if op.bias is not None:
+        y += val(op.bias).astype(np.float32)
+    return y
+
+
+def _matmul(op, val):
+    x, y = val(op.x).astype(np.float32), val(op.y).astype(np.float32)
+    if op.transpose_x.val:
+        x = np.swapaxes(x, -1, -2)
+    if op.transpose_y.val:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _slice_update(op, val):
+    x = val(op.x).copy()
+    begin, end = val(op.begin), val(op.end)
+    stride = val(op.stride) if op.stride is not None else np.ones_like(begin)
+    bmask = val(op.begin_mask) if op.begin_mask is not None else [False] * x.ndim
+    emask = val(op.end_mask) if op.end_mask is not None else [False] * x.ndim
+    index = tuple(slice(None if bm else int(b), None if em else int(e), int(s))
+                  for b, e, s, bm, em in zip(begin, end, stride, bmask, emask))
+    update = val(op.update)
+    if x[index].shape != update.shape:
+        raise ExportError(f"slice_update '{op.name}': update {update.shape} does not fit "
+                          f"{x[index].shape} (begin {list(begin)}, end {list(end)})")
+    x[index] = update
+    return x
+
+
+def _gather(op, val):
+    x, idx = val(op.x), val(op.indices).astype(np.int64)
+    axis = int(op.axis.val)
+    if np.any(idx < -x.shape[axis]) or np.any(idx >= x.shape[axis]):
+        raise ExportError(f"gather '{op.name}': index out of range for axis size {x.shape[axis]}")
+    return np.take(x, idx, axis=axis)
+
+
+def _silu(op, val):
+    x = val(op.x).astype(np.float32)
+    return x / (1.0 + np.exp(-x))
+
+
+def _shape(op, val):  # coremltools' version reads the (possibly symbolic) static shape
+    return np.array(np.shape(val(op.x)), dtype=np.int32)
+
+
+OWN_OPS = {"linear": _linear, "silu": _silu, "shape": _shape, "matmul": _matmul, "slice_update": _slice_update, "gather": _gather}
+
+
+class Interpreter:
+    """Evaluate functions of a loaded MIL program; constants are materialised once and cached."""
+
+    def __init__(self, program):
+        self.program = program
+        self._consts: dict[tuple[str, str], np.ndarray] = {}
+        for fn in program.functions.values():   # NumPy 2 rejects np.bool_ where ints are expected
+            for op in fn.operations:
+                for var in _input_vars(op):
+                    if var._sym_val is not None and isinstance(var._sym_val.val, np.bool_):
+                        var._sym_val.val = bool(var._sym_val.val)
+
+    @classmethod
+    def from_package(cls, package: Path) -> "Interpreter":
+        return cls(load_program(Path(package)))
+
+    def function_names(self) -> list[str]:
+        return list(self.program.functions)
+
+    def constant(self, function: str, op) -> np.ndarray:
+        key = (function, op.outputs[0].name)
+        if key not in self._consts:
+            if op.op_type == "const":
+                self._consts[key] = op.outputs[0].val
+            else:  # constexpr_*: decompress at "load time", as Core ML does
+                self._consts[key] = np.asarray(op.materialized_val_inference())
+        return self._consts[key]
+
+    def run(self, function: str, inputs: dict[str, np.ndarray],
+            states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one call; ``states`` is updated in place (like an MLState)."""
+        if function not in self.program.functions:
+            raise ExportError(f"Core ML program has no function '{function}' "
+                              f"(has: {', '.join(self.program.functions)})")
+        fn = self.program.functions[function]
+        env: dict[str, object] = {}
+        for name, var in fn.inputs.items():
+            if types.is_state(var.sym_type):
+                if name not in states:
+                    raise ExportError(f"function '{function}': state '{name}' not provided")
+                env[name] = states[name]
+            else:
+                if name not in inputs:
+                    raise ExportError(f"function '{function}': input '{name}' not provided")
+                want = tuple(var.shape)
+                arr = np.asarray(inputs[name], dtype=_np_dtype(var))
+                if arr.shape != want:
+                    raise ExportError(f"function '{function}': input '{name}' has shape "
+                                      f"{arr.shape}, expected {want}")
+                env[name] = arr
+
+        def val(var):
+            return env[var.name] if var.name in env else var.val
+
+        for op in fn.operations:
+            out = op.outputs[0]
+            if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+                env[out.name] = self.constant(function, op)
+            elif op.op_type == "read_state":
+                env[out.name] = env[op.input.name].copy()
+            elif op.op_type == "coreml_update_state":
+                value = np.asarray(val(op.value))
+                states[op.state.name][...] = value
+                env[out.name] = value
+            elif op.op_type in OWN_OPS:
+                env[out.name] = OWN_OPS[op.op_type](op, val).astype(_np_dtype(out))
+            else:
+                for name, value in zip((o.name for o in op.outputs), self._infer(op, env)):
+                    env[name] = value
+        return {v.name: env[v.name] for v in fn.outputs}
+
+    @staticmethod
+    def _infer(op, env) -> tuple:
+        """coremltools' own value inference with runtime values plugged into the input vars."""
+        saved = []
+        try:
+            for var in _input_vars(op):
+                if var.name in env and not isinstance(var, ListVar):
+                    saved.append((var, var._sym_val))
+                    holder = var.sym_type()
+                    holder.val = env[var.name]
+                    var._sym_val = holder
+            try:
+                result = op.value_inference()
+            except NotImplementedError:
+                raise ExportError(f"mil_interp: no implementation for op type '{op.op_type}' "
+                                  f"('{op.name}')") from None
+        finally:
+            for var, old in saved:
+                var._sym_val = old
+        result = result if isinstance(result, tuple) else (result,)
+        out = []
+        for value, var in zip(result, op.outputs):
+            if value is None:
+                raise ExportError(f"mil_interp: op '{op.name}' ({op.op_type}) gave no value")
+            if types.is_tensor(var.sym_type) or types.is_scalar(var.sym_type):
+                value = np.asarray(value).astype(_np_dtype(var), copy=False)
+            out.append(value)
+        return tuple(out)

@@ -1,0 +1,1 @@
+"""Android/HarmonyOS target: MiniCPM through Apache TVM Relax (see docs/DESIGN.md)."""

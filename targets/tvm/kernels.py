@@ -1,0 +1,255 @@
+"""Fused int4 (q4f16) matmul kernels for the TVM CPU build (issue 3).
+
+``optimize_for_cpu(mod, target)`` takes the Relax module exported from targets/tvm/model.py (before
+``tvm.compile``) and replaces every int4 linear layer, emitted there as
+
+    w = call_tir(dequantize, (q_weight uint32[out, in/8], q_scale float16[out, in/32])) -> float32[out, in]
+    y = matmul(x, permute_dims(w))
+
+by one ``call_tir`` of a fused kernel that never materialises ``w``: a TIR wrapper quantises the
+activations to int8 per group of 32 and calls the C microkernels of microkernels/q4_matmul.c row-block
+parallel (``T.parallel`` -> TVM's thread pool, TVM_NUM_THREADS).  The microkernels are compiled with
+clang for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
+NEON+dotprod, portable C) and attached to the module as an external object (``external_mods``), so
+``export_library`` links them into the model library, the Android system-lib archive included.
+
+Numerics: like llama.cpp's Q4_0 x Q8_0 the activations are rounded to int8 per 32-group (relative
+error ~ 1/254 per group); tests/test_tvm_kernels.py states the tolerance against numpy dequant+matmul.
+Other matmuls (q8, fp16 weights, non-float32 activations) are left alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
+from tvm.script import tirx as T
+
+from exporter.errors import ExportError
+
+SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"
+ROWS_PER_TASK = 16           # weight rows per parallel task (decode GEMV work split)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcpm-export" / "kernels"
+
+
+# ---------------------------------------------------------------- compiling the microkernels
+def _attr(target: tvm.target.Target, key: str, default=None):
+    value = target.attrs.get(key) if key in target.attrs else None
+    return default if value is None else value
+
+
+def _is_aarch64(triple: str) -> bool:
+    return triple.startswith(("aarch64", "arm64"))
+
+
+def host_triple() -> str:
+    machine = platform.machine()
+    return "aarch64-linux-gnu" if machine in ("aarch64", "arm64") else f"{machine}-linux-gnu"
+
+
+def host_target() -> tvm.target.Target:
+    """An llvm Target for this machine with its CPU name (so the kernels use its full ISA)."""
+    cpu = tvm.get_global_func("target.llvm_get_system_cpu")()
+    return tvm.target.Target({"kind": "llvm", "mtriple": host_triple(), "mcpu": cpu})
+
+
+# LLVM aarch64 feature names (TVM mattr) -> clang -march extensions the kernels care about
+_ARM_EXT = {"dotprod": "dotprod", "i8mm": "i8mm", "fullfp16": "fp16", "bf16": "bf16"}
+
+
+def clang_flags(target: tvm.target.Target) -> list[str]:
+    """clang options selecting the ISA of ``target`` (an llvm Target: mtriple, mcpu, mattr).
+
+    aarch64: -march=armv8.x-a plus the dotprod/i8mm/fp16/bf16 extensions listed in mattr (the mcpu
+    name is not passed: the system clang may not know recent cores).  x86_64: -march=<mcpu> and
+    -m<feature> for mattr; without an mcpu a host-arch target gets -march=native (host builds run
+    where they are built; pass an mcpu to pin the ISA)."""
+    if target.kind.name != "llvm":
+        raise ExportError(f"kernels: optimize_for_cpu needs an llvm target, got '{target.kind.name}'")
+    triple = str(_attr(target, "mtriple", "") or host_triple())
+    cpu = str(_attr(target, "mcpu", "") or "")
+    feats = [str(f) for f in _attr(target, "mattr", [])]
+    flags = [f"--target={triple}", "-O3", "-ffreestanding", "-fPIC", "-fno-math-errno", "-c"]
+    if _is_aarch64(triple):
+        ext = [_ARM_EXT[f[1:]] for f in feats if f.startswith("+") and f[1:] in _ARM_EXT]
+        base = "armv8.6-a" if "i8mm" in ext else ("armv8.2-a" if ext else "armv8-a")
+        flags.append("-march=" + "+".join([base, *ext]))
+    elif triple.startswith("x86_64"):
+        if cpu and cpu != "generic":
+            flags.append(f"-march={cpu}")
+        elif platform.machine() == "x86_64" and not feats:
+            flags.append("-march=native")
+        flags += [("-m" if f[0] == "+" else "-mno-") + f[1:] for f in feats if f[:1] in "+-"]
+    return flags
+
+
+def compile_microkernels(target: tvm.target.Target) -> Path:
+    """The microkernel object for ``target`` (cached by source + flags under ~/.cache/mcpm-export)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        raise ExportError("kernels: 'clang' not found on PATH (needed to compile targets/tvm/microkernels)")
+    flags = clang_flags(target)
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
+    obj = CACHE / f"q4_matmul-{key}.o"
+    if not obj.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            out = Path(tmp) / obj.name
+            proc = subprocess.run([clang, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["?"])[0]
+                raise ExportError(f"kernels: clang failed on {SOURCE.name} with {' '.join(flags)}: {first}")
+            os.replace(out, obj)
+    return obj
+
+
+def isa_of(target: tvm.target.Target) -> str:
+    """Which microkernel path ``target`` compiles to (for logs and the manifest)."""
+    out = subprocess.run(["clang", *[f for f in clang_flags(target) if f != "-c"], "-dM", "-E", "-x", "c",
+                          "/dev/null"], capture_output=True, text=True).stdout
+    has = lambda m: f"#define {m} " in out  # noqa: E731
+    if has("__AVX512BW__"):
+        return "avx512-vnni" if has("__AVX512VNNI__") else "avx512bw"
+    if has("__AVX2__") and has("__FMA__") and has("__F16C__"):
+        return "avx2"
+    if has("__aarch64__"):
+        return "neon-dotprod" if has("__ARM_FEATURE_DOTPROD") else "neon"
+    return "portable-c"
+
+
+# ---------------------------------------------------------------- the TIR wrapper
+def q4_matmul_func(n_out: int, k: int) -> tirx.PrimFunc:
+    """PrimFunc Y[m, n_out] = X[m, k] @ dequant(qw, sc).T with symbolic m, calling the microkernels."""
+    G, W = k // 32, k // 8
+    ntask = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    rpt = ROWS_PER_TASK
+
+    @T.prim_func(private=True)
+    def q4_matmul(x: T.handle, qw: T.Buffer((n_out, W), "uint32"), sc: T.Buffer((n_out, G), "float16"),
+                  y: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        m = T.int64()
+        X = T.match_buffer(x, (m, k), "float32")
+        Y = T.match_buffer(y, (m, n_out), "float32")
+        xq = T.alloc_buffer((m * k,), "int8")
+        nb = T.alloc_buffer((m * W,), "int32")
+        xd = T.alloc_buffer((m * G,), "float32")
+        T.evaluate(T.call_extern("int32", "mcpm_q4_quant_act", X.data, m, T.int64(k), xq.data, nb.data, xd.data))
+        for t in T.parallel(T.int64(ntask)):
+            T.evaluate(T.call_extern("int32", "mcpm_q4_matmul_rows", qw.data, sc.data, xq.data, nb.data,
+                                     xd.data, Y.data, m, T.int64(k), T.int64(n_out),
+                                     T.Cast("int32", t * rpt), T.Cast("int32", T.min(t * rpt + rpt, n_out))))
+
+    return q4_matmul
+
+
+# ---------------------------------------------------------------- the Relax rewrite
+def _static_shape(ty) -> tuple[int, ...] | None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
+def _q4_signature(qw, sc, w) -> tuple[int, int] | None:
+    """(out, in) when qw/sc/w have the q4f16 dequantize signature of docs/DESIGN.md, else None."""
+    sq, ss, sw = (_static_shape(e.ty) for e in (qw, sc, w))
+    if None in (sq, ss, sw) or len(sq) != 2 or len(ss) != 2 or len(sw) != 2:
+        return None
+    if (str(qw.ty.dtype), str(sc.ty.dtype), str(w.ty.dtype)) != ("uint32", "float16", "float32"):
+        return None
+    n_out, k = sw
+    if sq != (n_out, k // 8) or ss != (n_out, k // 32) or k % 32:
+        return None
+    return n_out, k
+
+
+class _Rewriter:
+    def __init__(self, mod: tvm.IRModule):
+        self.bb = relax.BlockBuilder(mod)
+        self.kernels: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.count = 0
+        self.x, self.qw, self.sc, self.fn = wildcard(), wildcard(), wildcard(), wildcard()
+        self.deq = is_op("relax.call_tir")(self.fn, is_tuple([self.qw, self.sc]), add_constraint=False)
+        self.perm = is_op("relax.permute_dims")(self.deq)
+        self.pattern = is_op("relax.matmul")(self.x, self.perm)
+
+    def _kernel(self, n_out: int, k: int) -> relax.GlobalVar:
+        if (n_out, k) not in self.kernels:
+            name = f"mcpm_q4_matmul_{n_out}x{k}"
+            func = q4_matmul_func(n_out, k).with_attr("global_symbol", name)
+            self.kernels[(n_out, k)] = self.bb.add_func(func, name)
+        return self.kernels[(n_out, k)]
+
+    def __call__(self, orig: relax.Expr, m: dict) -> relax.Expr:
+        x, qw, sc, deq = m[self.x], m[self.qw], m[self.sc], m[self.deq]
+        sig = _q4_signature(qw, sc, deq)
+        axes = m[self.perm].attrs.axes
+        if sig is None or (axes is not None and [int(a) for a in axes] != [1, 0]):
+            return orig
+        xs = x.ty
+        if not isinstance(xs, relax.TensorType) or str(xs.dtype) != "float32" or xs.shape is None \
+                or xs.ndim < 1 or not isinstance(xs.shape, relax.ShapeExpr):
+            return orig
+        n_out, k = sig
+        dims = list(xs.shape.values)
+        if not isinstance(dims[-1], tirx.IntImm) or int(dims[-1]) != k:
+            return orig
+        rows = tirx.IntImm("int64", 1)
+        for d in dims[:-1]:
+            rows = rows * d
+        x2 = relax.op.reshape(x, relax.ShapeExpr([rows, k]))
+        y2 = relax.op.call_tir(self._kernel(n_out, k), relax.Tuple([x2, qw, sc]),
+                               relax.TensorType([rows, n_out], "float32"))
+        self.count += 1
+        return relax.op.reshape(y2, relax.ShapeExpr([*dims[:-1], n_out]))
+
+
+def fuse_q4_matmul(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Replace dequantize+matmul by fused-kernel calls; returns (module, number of layers rewritten)."""
+    rw = _Rewriter(mod)
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            new = rewrite_call(rw.pattern, rw, func)
+            if not new.same_as(func):
+                updates[gv] = new
+    if not updates:
+        return mod, 0
+    for gv, func in updates.items():
+        rw.bb.update_func(gv, func)
+    mod = rw.bb.get()
+    entries = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+    mod = relax.transform.DeadCodeElimination(entries)(mod)
+    return mod, rw.count
+
+
+def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Add the compiled microkernel object to ``external_mods`` (linked by export_library)."""
+    lib = tvm.runtime.load_static_library(str(compile_microkernels(target)), [])
+    attrs = dict(mod.attrs) if mod.attrs else {}
+    ext = list(attrs.get("external_mods", []))
+    return mod.with_attr("external_mods", [*ext, lib])
+
+
+def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Fuse every q4f16 dequantize+matmul of ``mod`` into the CPU int4 kernels for ``target``.
+
+    Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
+    kernels are an external object, so the in-memory executable alone cannot run them).
+    """
+    mod, count = fuse_q4_matmul(mod)
+    if count == 0:
+        return mod
+    return attach_microkernels(mod, target)

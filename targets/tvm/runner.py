@@ -1,0 +1,132 @@
+"""Run a compiled MiniCPM TVM library on the host: the same calls the on-device runner makes.
+
+Per generation: create_tir_paged_kv_cache -> kv_state_add_sequence(0) -> for each prompt chunk
+(<= prefill_chunk tokens): begin_forward / embed / prefill / end_forward -> for each new token:
+begin_forward / embed / decode / end_forward. Greedy sampling (argmax).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from exporter.errors import ExportError
+
+PAGE_SIZE = 16
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    logits: list[np.ndarray] = field(repr=False)   # logits that chose each new token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_len: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_len / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = max(len(self.tokens) - 1, 0)      # the first new token comes from prefill
+        return n / self.decode_s if self.decode_s else 0.0
+
+
+class TVMModel:
+    def __init__(self, lib: Path | tvm.runtime.Module, params: list[np.ndarray], context_window: int,
+                 prefill_chunk: int):
+        if isinstance(lib, (str, Path)):
+            if not Path(lib).is_file():
+                raise ExportError(f"{lib}: compiled model library not found")
+            lib = tvm.runtime.load_module(str(lib))
+        self.dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in params]
+        self.context_window, self.prefill_chunk = context_window, prefill_chunk
+        g = tvm.get_global_func
+        self._add_seq = g("vm.builtin.kv_state_add_sequence")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+
+    def new_cache(self):
+        S = tvm.runtime.ShapeTuple
+        kv = self.vm["create_tir_paged_kv_cache"](S([1]), S([self.context_window]), S([self.prefill_chunk]),
+                                                  S([PAGE_SIZE]), S([0]))
+        self._add_seq(kv, 0)
+        return kv
+
+    def _step(self, kv, ids: list[int], fn: str) -> np.ndarray:
+        self._begin(kv, tvm.runtime.ShapeTuple([0]), tvm.runtime.ShapeTuple([len(ids)]))
+        embeds = self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.dev), self.params)
+        logits = self.vm[fn](embeds, kv, self.params)
+        self._end(kv)
+        return logits.numpy()[0, -1]
+
+    def forward_chunks(self, kv, ids: list[int]) -> np.ndarray:
+        """Prefill ``ids`` in chunks of prefill_chunk; logits of the last position."""
+        for s in range(0, len(ids), self.prefill_chunk):
+            logits = self._step(kv, ids[s:s + self.prefill_chunk], "prefill")
+        return logits
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> Generation:
+        if not prompt:
+            raise ExportError("prompt is empty after tokenization")
+        if len(prompt) + max_new_tokens > self.context_window:
+            raise ExportError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                              f"the context window {self.context_window}")
+        kv = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.forward_chunks(kv, prompt)
+        t1 = time.perf_counter()
+        out, steps = [], []
+        for i in range(max_new_tokens):
+            steps.append(logits)
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            if (eos_id is not None and nxt == eos_id) or i == max_new_tokens - 1:
+                break
+            logits = self._step(kv, [nxt], "decode")
+        t2 = time.perf_counter()
+        return Generation(out, steps, prefill_s=t1 - t0, decode_s=t2 - t1, prompt_len=len(prompt))
+
+
+def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
+    """The host build of an android/harmony bundle, its tokenizer and mlc-chat-config.json."""
+    import json
+
+    from exporter.bundle import read_manifest
+    from exporter.tokenizer import Tokenizer
+
+    from .params import read_tensor_cache
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    if manifest.get("target") not in ("android", "harmony"):
+        raise ExportError(f"{bundle}: a '{manifest.get('target')}' bundle; `run` needs an android or "
+                          f"harmony (TVM) bundle")
+    conf_path = bundle / "mlc-chat-config.json"
+    try:
+        conf = json.loads(conf_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{conf_path}: cannot read ({e})") from None
+    params = [a for _, a in read_tensor_cache(bundle / "params")]
+    model = TVMModel(bundle / "lib" / "host" / "model.so", params, conf["context_window_size"],
+                     conf["prefill_chunk_size"])
+    return model, Tokenizer(bundle / "tokenizer.model"), conf
+
+
+def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32) -> dict:
+    """Greedy generation with the bundle's host build (what `mcpm-export run` prints)."""
+    if max_new_tokens < 1:
+        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    model, tok, conf = load_bundle(bundle)
+    ids = tok.encode(prompt)
+    gen = model.generate(ids, max_new_tokens, eos_id=conf.get("eos_token_id"))
+    return {"bundle": str(bundle), "prompt_tokens": len(ids), "tokens": gen.tokens, "text": tok.decode(gen.tokens),
+            "prefill_tok_s": round(gen.prefill_tok_s, 2), "decode_tok_s": round(gen.decode_tok_s, 2),
+            "backend": "host (x86_64 build in lib/host)"}

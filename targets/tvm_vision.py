@@ -1,0 +1,297 @@
+"""MiniCPM-V vision path for the android / harmony TVM bundles (issue 6).
+
+The export form of the vision encoder + resampler (exporter/vision/model.py:VisionEncoder) is
+traced with torch.export (one dynamic dim: the patch count N = h*w, so every slice shape the
+planner produces runs on one library, no buckets) and imported with
+tvm.relax.frontend.torch.from_exported_program, then lowered by targets/tvm/pipeline.py for
+the same targets as the text model (aarch64 CPU, OpenCL) plus x86_64 for host verification.
+
+Bundle additions (next to the text model's files in the same staging directory)::
+
+  vision/lib/<backend>/vision.tar|so   function ``image_embed(patches, pos_interp, key_pos, params)``
+  vision/lib/host/vision.so            x86_64 build: export-time parity check and ``mcpm-export run``
+  vision/params/                       TVM tensor cache of vpm.* / resampler.* (float32)
+  vision/vision-config.json            config, slicing rule, special token ids, input spec
+  vision/key_pos.bin                   V1 only: fixed float32 [N, hidden] resampler key positions
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from exporter.errors import ExportError
+from exporter.tokenizer import Tokenizer
+from exporter.vision import preprocess as pp
+from exporter.vision.config import VisionConfig
+from exporter.vision.loader import load_minicpmv
+from exporter.vision.model import MiniCPMVVision, VisionEncoder, key_pos_table
+from exporter.vision.slicing import ImagePlan, ImageTokens, build_prompt, plan_image, slice_images
+
+FUNCTION = "image_embed"
+VISION_DIR = "vision"
+PARITY_RTOL = 1e-3      # max |tvm - torch| / max |torch| per image; measured ~1e-6 on the tiny model
+VERIFY_SIZES = [(400, 300), (896, 448)]   # thumbnail only; thumbnail + 2x1 slices
+
+
+def export_ir(vision: MiniCPMVVision) -> tuple[tvm.IRModule, list[tuple[str, np.ndarray]]]:
+    """Relax module with ``image_embed`` (inputs, then params) and the params in call order."""
+    cfg = vision.cfg
+    enc = VisionEncoder(vision).eval()
+    n_ex = 6 * 7
+    args = (torch.zeros(n_ex, 3 * cfg.patch ** 2), torch.zeros(n_ex, cfg.pos_grid ** 2),
+            torch.zeros(n_ex, cfg.hidden))
+    n = torch.export.Dim("n")
+    with torch.no_grad():
+        ep = torch.export.export(enc, args, dynamic_shapes=({0: n}, {0: n}, {0: n}))
+    names = list(ep.graph_signature.parameters)
+    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    mod, _ = relax.frontend.detach_params(mod)
+    func = mod["main"].with_attr("global_symbol", FUNCTION).with_attr("num_input", 3)
+    mod = tvm.IRModule({relax.GlobalVar(FUNCTION): func})
+    mod = relax.transform.BundleModelParams("params")(mod)      # params: one tuple, last argument
+    state = dict(enc.named_parameters())
+    params = [(name, state[name].detach().numpy().astype(np.float32)) for name in names]
+    return mod, params
+
+
+class VisionRunner:
+    """Host runtime of the compiled vision library: image -> [n_images * query_num, hidden]."""
+
+    def __init__(self, lib, params: list[np.ndarray], vcfg: VisionConfig, key_pos: np.ndarray | None = None):
+        if isinstance(lib, (str, Path)):
+            if not Path(lib).is_file():
+                raise ExportError(f"{lib}: compiled vision library not found")
+            lib = tvm.runtime.load_module(str(lib))
+        self.dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in params]
+        self.cfg, self.key_pos = vcfg, key_pos
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> "VisionRunner":
+        from targets.tvm.params import read_tensor_cache
+        vdir = Path(bundle) / VISION_DIR
+        conf_path = vdir / "vision-config.json"
+        if not conf_path.is_file():
+            raise ExportError(f"{bundle}: bundle has no vision part ({conf_path} missing)")
+        conf = json.loads(conf_path.read_text())
+        vcfg = VisionConfig(**conf["config"])
+        key_pos = None
+        if conf.get("key_pos"):
+            key_pos = np.fromfile(vdir / conf["key_pos"]["file"], dtype=np.float32).reshape(conf["key_pos"]["shape"])
+        params = [a for _, a in read_tensor_cache(vdir / "params")]
+        return cls(vdir / "lib" / "host" / "vision.so", params, vcfg, key_pos)
+
+    def embed_one(self, image) -> np.ndarray:
+        inp = pp.encoder_inputs(image, self.cfg, self.key_pos)
+        args = [tvm.runtime.tensor(inp[k], self.dev) for k in pp.INPUT_NAMES]
+        return self.vm[FUNCTION](*args, self.params).numpy()
+
+    def embed_image(self, image) -> tuple[ImagePlan, np.ndarray, list[float]]:
+        """(plan, features [n_images*Q, D], seconds per encoded image)."""
+        plan = plan_image(image.width, image.height, self.cfg)
+        feats, times = [], []
+        for im in slice_images(image, plan):
+            t0 = time.perf_counter()
+            feats.append(self.embed_one(im))
+            times.append(time.perf_counter() - t0)
+        return plan, np.concatenate(feats), times
+
+
+def reference_features(vision: MiniCPMVVision, image) -> np.ndarray:
+    """PyTorch reference features of every image of the plan, [n_images*Q, D]."""
+    plan = plan_image(image.width, image.height, vision.cfg)
+    return np.concatenate([vision.reference_embed(torch.from_numpy(pp.normalise(im))).numpy()
+                           for im in slice_images(image, plan)])
+
+
+def synthetic_image(width: int, height: int, seed: int = 0):
+    """Deterministic synthetic RGB image: smooth gradients plus noise (PIL)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), (x + y) / max(width + height - 2, 1)], -1)
+    arr = np.clip(base * 200 + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def parity(runner: VisionRunner, vision: MiniCPMVVision, sizes=VERIFY_SIZES) -> dict:
+    """Compiled-vs-PyTorch features over test images; ExportError beyond PARITY_RTOL."""
+    rows = []
+    for w, h in sizes:
+        img = synthetic_image(w, h)
+        plan, got, _ = runner.embed_image(img)
+        ref = reference_features(vision, img)
+        err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
+        rows.append({"size": [w, h], "images": len(plan.images), "max_rel_err": err})
+        if not err <= PARITY_RTOL:
+            raise ExportError(f"vision verification failed: {w}x{h} image features differ from PyTorch "
+                              f"by {err:.2e} (relative; bound {PARITY_RTOL:.0e})")
+    return {"images": rows, "rtol": PARITY_RTOL, "reference": "exporter/vision/model.py (PyTorch fp32)"}
+
+
+def _vision_config_json(vcfg: VisionConfig, tok: ImageTokens, libs: dict, prefix: str, key_pos) -> dict:
+    return {
+        "version": "mcpm-export/vision/1",
+        "function": FUNCTION,
+        "inputs": {"patches": "float32 [N, 3*patch*patch]", "pos_interp": "float32 [N, pos_grid^2]",
+                   "key_pos": "float32 [N, hidden]", "output": "float32 [query_num, hidden]",
+                   "spec": "exporter/vision/preprocess.py"},
+        "config": vcfg.to_dict(),
+        "slicing": {"rule": "exporter/vision/slicing.py (OpenBMB slice_image)", "resize": "PIL bicubic",
+                    "enabled": vcfg.slicing, "max_slice_nums": vcfg.max_slice_nums,
+                    "scale_resolution": vcfg.scale_resolution, "patch_size": vcfg.patch},
+        "tokens": {"im_start": tok.im_start, "im_end": tok.im_end, "slice_start": tok.slice_start,
+                   "slice_end": tok.slice_end, "unk": tok.unk, "newline": tok.newline,
+                   "layout": "[bos] <image> unk*Q </image> [<slice> rows of cells joined by newline </slice>] "
+                             "newline text; features replace the unk embeddings after scale_emb"},
+        "system_lib_prefix": prefix, "libs": libs,
+        "params": "vision/params/tensor-cache.json (records in call order after the inputs)",
+        **({"key_pos": key_pos} if key_pos else {}),
+    }
+
+
+def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, backend: str = "cpu",
+                 soc: str = "generic", progress=None) -> dict:
+    """Compile, package and verify the vision part into ``staging``; returns manifest keys."""
+    from targets.tvm import pipeline
+    from targets.tvm.params import write_tensor_cache
+    from targets.tvm.presets import get_preset
+    from targets.tvm.target import BACKENDS
+
+    say = (lambda stage, msg: progress.log(f"{stage}: {msg}")) if progress is not None else (lambda s, m: None)
+    if platform not in pipeline.TRIPLES:
+        raise ExportError(f"unknown TVM platform '{platform}'")
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    ck = load_minicpmv(checkpoint_dir, recipe)
+    vcfg, vision = ck.vision_config, ck.vision_model()
+    tok = ImageTokens.from_tokenizer(Tokenizer(ck.checkpoint.tokenizer_path))
+    triple, preset = pipeline.TRIPLES[platform], get_preset(soc)
+    prefix = pipeline.system_lib_prefix(recipe.name) + "vision_"
+    vdir = staging / VISION_DIR
+    say("vision", f"torch.export + relax import (ViT {vcfg.width}x{vcfg.depth}, resampler {vcfg.hidden})")
+    mod, params = export_ir(vision)
+    libs = {}
+    for b in BACKENDS[backend]:
+        say("vision", f"compile {b}: {triple}")
+        target = pipeline.make_target(b, preset.llvm_target(triple))
+        ex = pipeline.compile_ir(mod, target, prefix=prefix, use_kernels=False)
+        out = vdir / "lib" / b
+        out.mkdir(parents=True, exist_ok=True)
+        pipeline.save_tar(ex, out / "vision.tar")
+        pipeline.save_so(ex, out / "vision.so", triple)
+        libs[b] = {"tar": f"{VISION_DIR}/lib/{b}/vision.tar", "so": f"{VISION_DIR}/lib/{b}/vision.so"}
+        if b == "opencl":
+            src = pipeline.opencl_source(ex)
+            if "__kernel" not in src:
+                raise ExportError("vision opencl build produced no OpenCL kernels")
+            (out / "kernels.cl").write_text(src)
+            libs[b].update(source=f"{VISION_DIR}/lib/opencl/kernels.cl", executed=False)
+    say("vision", "compile host (x86_64) for verification")
+    host = pipeline.make_target("cpu", pipeline.HOST_TARGET)
+    (vdir / "lib" / "host").mkdir(parents=True, exist_ok=True)
+    pipeline.save_so(pipeline.compile_ir(mod, host, use_kernels=False), vdir / "lib" / "host" / "vision.so", "x86_64")
+    libs["host"] = {"so": f"{VISION_DIR}/lib/host/vision.so"}
+    write_tensor_cache(params, vdir / "params", {"ParamSize": len(params),
+                                                 "ParamBytes": int(sum(a.nbytes for _, a in params))})
+    key_pos_info, key_pos = None, None
+    if not vcfg.adaptive:
+        g = vcfg.image_size // vcfg.patch
+        key_pos = key_pos_table(vision, g, g).reshape(g * g, -1)
+        key_pos.tofile(vdir / "key_pos.bin")
+        key_pos_info = {"file": "key_pos.bin", "shape": list(key_pos.shape), "dtype": "float32"}
+    (vdir / "vision-config.json").write_text(json.dumps(
+        _vision_config_json(vcfg, tok, libs, prefix, key_pos_info), indent=2, sort_keys=True) + "\n")
+    say("verify", "vision: host build vs PyTorch on a thumbnail-only and a sliced image")
+    runner = VisionRunner(vdir / "lib" / "host" / "vision.so", [a for _, a in params], vcfg, key_pos)
+    report = parity(runner, vision)
+    say("verify", "vision max rel err " + ", ".join(f"{r['max_rel_err']:.1e}" for r in report["images"]))
+    return {"vision": {"config": f"{VISION_DIR}/vision-config.json", "libs": libs,
+                       "system_lib_prefix": prefix, "verification": report}}
+
+
+def build_vision_part(ctx, staging: Path, platform: str) -> dict:
+    """Hook for the android/harmony Target.build: ``if ctx.recipe.is_vision: extra.update(...)``."""
+    return build_vision(Path(ctx.checkpoint.path), ctx.recipe, staging, platform,
+                        ctx.options.get("backend", "cpu"), ctx.options.get("soc", "generic"), ctx.progress)
+
+
+def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of [bos] image-block newline text, and where each image's 64 features go."""
+    return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer), tokenizer.encode(text, bos=False),
+                        tokenizer.bos_id)
+
+
+def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndarray, query_num: int,
+                        max_new_tokens: int, eos_id: int | None = None) -> dict:
+    """Greedy generation with a compiled text model (targets/tvm/runner.TVMModel) and spliced
+    image features: embed(ids) -> features replace the <unk> rows -> chunked prefill -> decode."""
+    from exporter.vision.multimodal import splice
+
+    if len(ids) + max_new_tokens > model.context_window:
+        raise ExportError(f"image prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                          f"the context window {model.context_window}")
+    g = tvm.get_global_func
+    begin, end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
+    S, dev = tvm.runtime.ShapeTuple, model.dev
+
+    def step(kv, embeds: np.ndarray, fn: str) -> np.ndarray:
+        begin(kv, S([0]), S([embeds.shape[1]]))
+        logits = model.vm[fn](tvm.runtime.tensor(np.ascontiguousarray(embeds), dev), kv, model.params)
+        end(kv)
+        return logits.numpy()[0, -1]
+
+    def embed(tokens: list[int]) -> np.ndarray:
+        return model.vm["embed"](tvm.runtime.tensor(np.asarray(tokens, dtype="int32"), dev), model.params).numpy()
+
+    kv = model.new_cache()
+    t0 = time.perf_counter()
+    embeds = splice(embed(ids), starts, feats, query_num)
+    for s in range(0, len(ids), model.prefill_chunk):
+        logits = step(kv, embeds[:, s:s + model.prefill_chunk], "prefill")
+    t1 = time.perf_counter()
+    out, steps = [], []
+    for i in range(max_new_tokens):
+        steps.append(logits)
+        out.append(int(np.argmax(logits)))
+        if (eos_id is not None and out[-1] == eos_id) or i == max_new_tokens - 1:
+            break
+        logits = step(kv, embed([out[-1]]), "decode")
+    t2 = time.perf_counter()
+    return {"tokens": out, "logits": steps, "prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+
+def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:
+    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart."""
+    from PIL import Image, UnidentifiedImageError
+
+    from targets.tvm.runner import load_bundle
+
+    if max_new_tokens < 1:
+        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    try:
+        image = Image.open(image_path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ExportError(f"--image {image_path}: cannot read image ({e})") from None
+    vision = VisionRunner.from_bundle(Path(bundle))
+    model, tok, conf = load_bundle(Path(bundle))
+    plan, feats, times = vision.embed_image(image)
+    ids, starts = image_prompt(tok, plan, prompt)
+    gen = generate_with_image(model, ids, starts, feats, vision.cfg.query_num, max_new_tokens,
+                              conf.get("eos_token_id"))
+    n_new = len(gen["tokens"])
+    return {"bundle": str(bundle), "image": str(image_path), "plan": plan.to_dict(), "prompt_tokens": len(ids),
+            "tokens": gen["tokens"], "text": tok.decode(gen["tokens"]),
+            "vision_encode_s": [round(t, 4) for t in times], "vision_total_s": round(sum(times), 4),
+            "prefill_s": round(gen["prefill_s"], 4), "prefill_tok_s": round(len(ids) / gen["prefill_s"], 2),
+            "decode_tok_s": round((n_new - 1) / gen["decode_s"], 2) if n_new > 1 and gen["decode_s"] else 0.0,
+            "backend": "host (x86_64 builds in lib/host and vision/lib/host)"}
