@@ -198,7 +198,9 @@ def image_plan(image, recipe, as_json):
                   prompt_image_tokens=res["prompt_image_tokens"])
 
 
-# Target-specific options; every export command also gets the common ones below.
+# The export commands (android, harmony, ios) are generated here from KNOWN_TARGETS: do not add them
+# by hand. Backends register in targets/__init__.py (TARGETS) and receive these options in
+# ExportContext.options. Target-specific options; every export command also gets the common ones below.
 TARGET_OPTIONS = {
     "android": [click.Option(["--backend"], type=click.Choice(["cpu", "opencl", "all"]), default="cpu",
                              show_default=True, help="aarch64 CPU code, OpenCL kernels, or both."),
