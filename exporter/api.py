@@ -12,14 +12,11 @@ from .config import MiniCPMConfig
 from .errors import ExportError
 from .model import MiniCPM
 from .progress import Progress
-from .quality import CALIBRATION_TEXT, QualityReport, gate, input_importance, perplexity
-from .quant import SCHEMES, QuantizedModel, quantize_state_dict
+from .quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
+from .quant import SCHEMES, QuantizedModel
+from .streaming import quantize_streaming
 from .recipes import Recipe, get_recipe
 from .tokenizer import Tokenizer
-
-IMPORTANCE_WINDOWS = 16  # calibration windows 0..15 feed the activation-aware scale search
-GATE_WINDOWS = 6         # windows 16..21 measure the quality gate
-
 
 @dataclass
 class LoadedModel:
@@ -31,48 +28,54 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load(recipe: str | Recipe, checkpoint: str | Path | None = None, prefix: str = "") -> LoadedModel:
-    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+def open_model(recipe: Recipe, checkpoint: str | Path | None = None) -> tuple[Checkpoint, MiniCPMConfig, Tokenizer]:
+    """Resolve and validate a checkpoint, its text config and tokenizer; no tensor data is read."""
     ckpt = open_checkpoint(resolve_checkpoint(recipe, checkpoint), recipe)
     raw = ckpt.raw_config.get("llm_config", ckpt.raw_config) if recipe.is_vision else ckpt.raw_config
     config = MiniCPMConfig.from_hf(raw, str(ckpt.path / "config.json"))
-    state = ckpt.text_tensors(config, prefix=prefix)
     tok = Tokenizer(ckpt.tokenizer_path)
     if tok.vocab_size > config.vocab_size:
         raise ExportError(f"{ckpt.tokenizer_path}: tokenizer has {tok.vocab_size} pieces, "
                           f"config.json vocab_size is {config.vocab_size}")
+    return ckpt, config, tok
+
+
+def load(recipe: str | Recipe, checkpoint: str | Path | None = None, prefix: str = "") -> LoadedModel:
+    """Everything in memory (small models, generate/eval, tests)."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    ckpt, config, tok = open_model(recipe, checkpoint)
+    state = ckpt.text_tensors(config, prefix=prefix)
     return LoadedModel(recipe, ckpt, config, state, MiniCPM.from_state_dict(config, state), tok)
 
 
-def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | None = None,
-             allow_quality_loss: bool = False, gate_windows: int = GATE_WINDOWS
-             ) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
-    """Quantize per the recipe's scheme, measure fp vs quantized perplexity, apply the gate."""
+def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer, get, names: list[str],
+                    scheme: str | None = None, progress: Progress | None = None,
+                    allow_quality_loss: bool = False) -> tuple[QuantizedModel, QualityReport | None]:
+    """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate."""
     progress = progress or Progress(quiet=True)
-    scheme = SCHEMES[scheme or lm.recipe.quantization]
-    calib = lm.tokenizer.encode(CALIBRATION_TEXT.read_text())
-    importance = None
-    if scheme.linear_bits is not None:
-        with progress.stage("calibrate"):
-            importance = input_importance(lm.model, calib, count=IMPORTANCE_WINDOWS)
-    with progress.stage("quantize"):
-        qm = quantize_state_dict(lm.state, scheme, importance)
-        qref = MiniCPM.from_state_dict(lm.config, qm.dequantized())
-        progress.log(f"{scheme.name}: {qm.nbytes / 1e6:.1f} MB of weights")
-    if scheme.linear_bits is None:
-        return qm, qref, None
-    with progress.stage("quality gate"):
-        gate_ids = calib[512 * IMPORTANCE_WINDOWS:]
-        report = QualityReport(
-            ppl_fp=perplexity(lm.model, gate_ids, count=gate_windows),
-            ppl_int4=perplexity(qref, gate_ids, count=gate_windows),
-            tokens=min(len(gate_ids) // 512, gate_windows) * 512, windows=gate_windows,
-            text=f"{CALIBRATION_TEXT.name} (windows {IMPORTANCE_WINDOWS}+)",
-            threshold_pct=lm.recipe.max_ppl_loss_pct)
-        progress.log(f"perplexity fp {report.ppl_fp:.3f} -> {scheme.name} {report.ppl_int4:.3f} "
-                     f"({report.loss_pct:+.2f}%, limit {report.threshold_pct}%)")
-        gate(report, allow_quality_loss)
-    return qm, qref, report
+    sch = SCHEMES[scheme or recipe.quantization]
+    calib = tokenizer.encode(CALIBRATION_TEXT.read_text())
+    gate_windows = recipe.gate_windows if sch.linear_bits is not None else 0
+    with progress.stage(f"calibrate + quantize ({sch.name})"):
+        qm, q = quantize_streaming(config, get, names, sch, calib, recipe.calibration_windows, gate_windows)
+        progress.log(f"{sch.name}: {qm.nbytes / 1e6:.1f} MB of weights")
+    if q is None:
+        return qm, None
+    report = QualityReport(ppl_fp=q["ppl_fp"], ppl_int4=q["ppl_int4"], tokens=q["tokens"],
+                           windows=gate_windows, threshold_pct=recipe.max_ppl_loss_pct,
+                           text=f"{CALIBRATION_TEXT.name} (windows {recipe.calibration_windows}+)")
+    progress.log(f"quality gate: perplexity fp {report.ppl_fp:.3f} -> {sch.name} {report.ppl_int4:.3f} "
+                 f"({report.loss_pct:+.2f}%, limit {report.threshold_pct}%)")
+    gate(report, allow_quality_loss)
+    return qm, report
+
+
+def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | None = None,
+             allow_quality_loss: bool = False) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
+    """Quantize an in-memory model: (quantized weights, int4 reference model, gate report)."""
+    qm, report = quantize_source(lm.recipe, lm.config, lm.tokenizer, lm.state.__getitem__, list(lm.state),
+                                 scheme, progress, allow_quality_loss)
+    return qm, MiniCPM.from_state_dict(lm.config, qm.dequantized()), report
 
 
 def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None,
@@ -124,27 +127,31 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
     backend = get_target(target)
     if rec.is_vision and not backend.allows_vision:
         raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
+    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
+        backend.check_options(rec, options)
     out = Path(out) if out else default_out(rec.name, target)
     with Staging(out, force) as staging:
         with progress.stage("load"):
-            lm = load(rec, checkpoint, prefix="llm." if rec.is_vision else "")
-            progress.log(f"{lm.checkpoint.path}: {sum(t.numel() for t in lm.state.values()) / 1e6:.1f}M "
-                         f"text parameters")
-        qm, qref, report = quantize(lm, progress=progress, allow_quality_loss=allow_quality_loss)
-        ctx = ExportContext(recipe=rec, config=lm.config, checkpoint=lm.checkpoint,
-                            tokenizer_path=lm.checkpoint.tokenizer_path, reference=lm.model,
-                            quantized=qm, quant_reference=qref,
-                            quality=report.to_dict() if report else {}, progress=progress,
-                            options=options)
+            ckpt, config, tok = open_model(rec, checkpoint)
+            prefix = "llm." if rec.is_vision else ""
+            plan = ckpt.text_plan(config, prefix)
+            progress.log(f"{ckpt.path}: {len(plan)} text tensors, {config.num_hidden_layers} layers")
+        qm, report = quantize_source(rec, config, tok, ckpt.getter(plan), list(plan), progress=progress,
+                                     allow_quality_loss=allow_quality_loss)
+        ctx = ExportContext(recipe=rec, config=config, checkpoint=ckpt, tokenizer_path=ckpt.tokenizer_path,
+                            quantized=qm, quality=report.to_dict() if report else {}, progress=progress,
+                            load_reference=lambda: MiniCPM.from_state_dict(
+                                config, ckpt.text_tensors(config, prefix)),
+                            options={**options, "allow_quality_loss": allow_quality_loss})
         extra = backend.build(ctx, staging.dir)
         manifest = {
             "mcpm_export_version": tool_versions()["mcpm_export"], "recipe": rec.name, "target": target,
-            "model": {"repo_id": rec.repo_id, "family": rec.family, "config": lm.config.to_dict(),
+            "model": {"repo_id": rec.repo_id, "family": rec.family, "config": config.to_dict(),
                       "context_window": rec.context_window, "prefill_chunk": rec.prefill_chunk},
             "quantization": {"scheme": qm.scheme.name, "description": qm.scheme.description,
                              "group_size": 32},
             "quality": ctx.quality,
-            "source": {"checkpoint_fingerprint": lm.checkpoint.fingerprint(), "repo_id": rec.repo_id},
+            "source": {"checkpoint_fingerprint": ckpt.fingerprint(), "repo_id": rec.repo_id},
             "versions": tool_versions(), **extra,
         }
         with progress.stage("finalize"):

@@ -101,28 +101,56 @@ class Checkpoint:
             except SafetensorError as e:
                 raise ExportError(f"{shard}: corrupt or truncated safetensors shard ({e})") from None
 
-    def text_tensors(self, config: MiniCPMConfig, prefix: str = "",
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Canonical-name state dict of the text model; every key consumed or explicitly ignored."""
-        out: dict[str, torch.Tensor] = {}
-        for key, tensor in self.hf_items(prefix):
+    def text_plan(self, config: MiniCPMConfig, prefix: str = "") -> dict[str, tuple[Path, str]]:
+        """canonical name -> (shard, HF key), validated from the shard headers alone (no tensor data):
+        every key is consumed or explicitly ignored, none is missing, every shape fits config.json."""
+        plan: dict[str, tuple[Path, str]] = {}
+        for key, shard in sorted(self.shards.items()):
+            if not key.startswith(prefix):
+                continue
             canon = names.canonical_name(key, prefix)
             if canon is None:
                 if names.is_ignored(key, prefix):
                     continue
                 raise ExportError(f"{self.path}: checkpoint key '{key}' is not in the name table")
-            out[canon] = tensor.to(dtype)
-        expected = names.expected_names(config.num_hidden_layers, config.tie_word_embeddings)
-        missing = sorted(expected - set(out))
+            plan[canon] = (shard, key)
+        expected = expected_shapes(config)
+        missing = sorted(set(expected) - set(plan))
         if missing:
-            raise ExportError(f"{self.path}: checkpoint lacks tensor '{missing[0]}' "
-                              f"({len(missing)} missing)")
-        extra = sorted(set(out) - expected)
+            raise ExportError(f"{self.path}: checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing)")
+        extra = sorted(set(plan) - set(expected))
         if extra:
             raise ExportError(f"{self.path}: tensor '{extra[0]}' does not fit config.json "
                               f"(layers={config.num_hidden_layers}, tied={config.tie_word_embeddings})")
-        check_shapes(out, config, self.path)
-        return out
+        shapes = {}
+        for shard in sorted({s for s, _ in plan.values()}):
+            shapes.update({(shard, k): tuple(v["shape"]) for k, v in _read_header(shard)[1].items()
+                           if k != "__metadata__"})
+        for canon, (shard, key) in plan.items():
+            if (shard, key) not in shapes:
+                raise ExportError(f"{shard}: tensor '{key}' listed in the index is missing")
+            if shapes[shard, key] != expected[canon]:
+                raise ExportError(f"{self.path}: tensor '{canon}' has shape {shapes[shard, key]}, "
+                                  f"config.json implies {expected[canon]}")
+        return plan
+
+    def getter(self, plan: dict[str, tuple[Path, str]], dtype: torch.dtype = torch.float32):
+        """A function reading one canonical tensor at a time (bounded memory)."""
+        def get(canon: str) -> torch.Tensor:
+            shard, key = plan[canon]
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    return f.get_tensor(key).to(dtype)
+            except SafetensorError as e:
+                raise ExportError(f"{shard}: corrupt or truncated safetensors shard ({e})") from None
+        return get
+
+    def text_tensors(self, config: MiniCPMConfig, prefix: str = "",
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Canonical-name state dict of the text model, all in memory (small models, tests)."""
+        plan = self.text_plan(config, prefix)
+        get = self.getter(plan, dtype)
+        return {canon: get(canon) for canon in sorted(plan)}
 
 
 def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
@@ -141,13 +169,6 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
             p + "feed_forward.w2.weight": (h, inter),
         })
     return shapes
-
-
-def check_shapes(state: dict[str, torch.Tensor], config: MiniCPMConfig, where: Path) -> None:
-    for name, shape in expected_shapes(config).items():
-        if tuple(state[name].shape) != shape:
-            raise ExportError(f"{where}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                              f"config.json implies {shape}")
 
 
 def open_checkpoint(path: Path, recipe: Recipe | None = None) -> Checkpoint:
@@ -192,18 +213,27 @@ def open_checkpoint(path: Path, recipe: Recipe | None = None) -> Checkpoint:
     return Checkpoint(path=path, raw_config=raw, shards=shards, tokenizer_path=tok)
 
 
-def _check_shard_header(shard: Path) -> None:
-    """Catch truncation up front: the header's data offsets must fit in the file."""
+def _read_header(shard: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file."""
     size = shard.stat().st_size
     try:
         with open(shard, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length exceeds file size")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return n, json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{shard}: corrupt safetensors shard ({e})") from None
+
+
+def _check_shard_header(shard: Path) -> None:
+    """Catch truncation up front: the header's data offsets must fit in the file."""
+    size = shard.stat().st_size
+    n, header = _read_header(shard)
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError) as e:
+        raise ExportError(f"{shard}: corrupt safetensors shard (bad entry: {e})") from None
     if 8 + n + end != size:
         raise ExportError(f"{shard}: truncated or corrupt shard: {size} bytes on disk, "
                           f"header describes {8 + n + end}")

@@ -198,6 +198,73 @@ def image_plan(image, recipe, as_json):
                   prompt_image_tokens=res["prompt_image_tokens"])
 
 
+@main.command(name="release")
+@click.option("--model", "recipes", required=True, help="Recipe name(s), comma separated.")
+@click.option("--target", required=True, type=click.Choice([*KNOWN_TARGETS, "all"]),
+              help="One target, or every target each recipe allows.")
+@click.option("--out", default="release", show_default=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace older archives of the same recipe/target in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the archives (path, sha256, size) as JSON.")
+@user_errors
+def release_cmd(recipes, target, out, force, as_json):
+    """Build, pack and verify reproducible release archives (mcpm-RECIPE-TARGET-SCHEME-vVERSION.tar.gz)."""
+    from .release import release
+
+    show_settings("mcpm-export release", models=recipes, target=target, out=out, force=force or None)
+    results = release(recipes.split(","), target, Path(out), force, Progress(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    table = Table(title="release archives")
+    for col in ("archive", "size", "sha256"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["archive"], f"{r['size'] / 1e6:.1f} MB", r["sha256"])
+    stdout.print(table)
+
+
+@main.command(name="verify")
+@click.argument("bundle", type=click.Path(exists=True))
+@user_errors
+def verify_cmd(bundle):
+    """Check a bundle directory or release archive: file hashes, manifest schema, symbol prefix, versions."""
+    from rich.markup import escape
+
+    from .verify import verify_bundle
+
+    problems = verify_bundle(Path(bundle))
+    for p in problems:
+        console.print(f"[red]problem:[/] {escape(p)}", soft_wrap=True)
+    if problems:
+        raise ExportError(f"{bundle}: {len(problems)} problem(s); do not ship or run this bundle")
+    console.print(f"[bold green]verified:[/] {bundle}")
+
+
+@main.command(name="doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor_cmd(as_json):
+    """Check the toolchain each target needs; exit status 0 only when every target can build."""
+    from .doctor import BUILD_TARGETS, run_checks, summary
+
+    res = summary(run_checks())
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        table = Table(title="mcpm-export doctor")
+        for col in ("check", "needed by", "status", "detail", "fix"):
+            table.add_column(col)
+        for c in res["checks"]:
+            table.add_row(c["name"], ",".join(c["needed_by"]), "[green]ok[/]" if c["ok"] else "[red]missing[/]",
+                          c["detail"], "" if c["ok"] else c["fix"])
+        stdout.print(table)
+        for group, ok in res["targets"].items():
+            verb = "build" if group in BUILD_TARGETS else "use"
+            stdout.print(f"{group}: " + (f"[green]can {verb}[/]" if ok else f"[red]cannot {verb}[/]"))
+        for fix in res["fixes"]:
+            stdout.print(f"  fix: {fix}", soft_wrap=True, markup=False)
+    sys.exit(0 if res["ok"] else 1)
+
+
 # The export commands (android, harmony, ios) are generated here from KNOWN_TARGETS: do not add them
 # by hand. Backends register in targets/__init__.py (TARGETS) and receive these options in
 # ExportContext.options. Target-specific options; every export command also gets the common ones below.

@@ -40,42 +40,6 @@ def perplexity(model: MiniCPM, ids: list[int], window: int = WINDOW, count: int 
     return math.exp(nll / n)
 
 
-@torch.no_grad()
-def input_importance(model: MiniCPM, ids: list[int], window: int = WINDOW, count: int = 8) -> dict[str, torch.Tensor]:
-    """E[x^2] per input channel of every linear layer (and of the LM head), canonical names."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def record(name):
-        def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_pre_hook(record(name + ".weight")))
-    head = "tok_embeddings.weight" if model.output is None else "output.weight"
-    orig_norm = model.norm.forward
-
-    def norm_hook(x):
-        y = orig_norm(x)
-        record(head)(None, (y / model.cfg.logit_scale,))
-        return y
-
-    model.norm.forward = norm_hook
-    try:
-        for w in windows(ids, window, count):
-            model(torch.tensor([w]))
-    finally:
-        model.norm.forward = orig_norm
-        for h in hooks:
-            h.remove()
-    return {k: sums[k] / counts[k] for k in sums}
-
-
 @dataclass
 class QualityReport:
     ppl_fp: float

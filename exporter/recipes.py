@@ -28,6 +28,8 @@ class Recipe:
     prefill_chunk: int
     targets: tuple[str, ...]
     max_ppl_loss_pct: float = 1.0   # quality gate for int4 exports
+    calibration_windows: int = 16    # 512-token windows of calibration text for activation statistics
+    gate_windows: int = 6            # further windows measuring the quality gate
     embedded: str | None = None      # project-relative path of a shipped checkpoint
     conv_template: str = "minicpm"
     vision: dict = field(default_factory=dict)
@@ -53,7 +55,8 @@ _REQUIRED = {
     "description": str, "repo_id": str, "family": str, "architecture": str, "dims": dict,
     "quantization": str, "context_window": int, "prefill_chunk": int, "targets": list,
 }
-_OPTIONAL = {"max_ppl_loss_pct": (int, float), "embedded": str, "conv_template": str, "vision": dict}
+_OPTIONAL = {"max_ppl_loss_pct": (int, float), "calibration_windows": int, "gate_windows": int,
+             "embedded": str, "conv_template": str, "vision": dict}
 
 
 def parse_recipe(path: Path) -> Recipe:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from exporter.config import MiniCPMConfig
 from exporter.model import MiniCPM
@@ -18,12 +19,21 @@ class ExportContext:
     config: MiniCPMConfig
     checkpoint: "exporter.checkpoint.Checkpoint"  # noqa: F821
     tokenizer_path: Path
-    reference: MiniCPM                  # fp32 reference model (original weights)
     quantized: QuantizedModel           # what the bundle ships
-    quant_reference: MiniCPM            # reference model running the dequantized weights ("PyTorch int4")
     quality: dict                       # quality-gate figures (may be empty for fp16)
     progress: Progress
+    load_reference: Callable[[], MiniCPM]         # builds the fp32 reference (original weights)
     options: dict = field(default_factory=dict)   # target-specific (backend, soc, threads, ...)
+
+    @cached_property
+    def reference(self) -> MiniCPM:
+        """fp32 reference model, built on first use (a 2B model is 11 GB in fp32)."""
+        return self.load_reference()
+
+    @cached_property
+    def quant_reference(self) -> MiniCPM:
+        """The reference model running the dequantized weights ("PyTorch int4")."""
+        return MiniCPM.from_state_dict(self.config, self.quantized.dequantized())
 
 
 class Target(Protocol):

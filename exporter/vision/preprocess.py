@@ -87,9 +87,9 @@ def encoder_inputs(image, vcfg, key_pos_fixed: np.ndarray | None = None) -> dict
     if vcfg.adaptive:
         key_pos = sincos_2d(vcfg.hidden, h, w)
     else:
-        if key_pos_fixed is None or key_pos_fixed.shape[:2] != (h, w):
+        key_pos = None if key_pos_fixed is None else np.asarray(key_pos_fixed).reshape(-1, vcfg.hidden)
+        if key_pos is None or key_pos.shape[0] != h * w:
             raise ValueError(f"V1 key position table does not fit a {h}x{w} patch grid")
-        key_pos = key_pos_fixed
     return {"patches": patches.reshape(h * w, -1),
             "pos_interp": np.kron(aa_bicubic_matrix(vcfg.pos_grid, h), aa_bicubic_matrix(vcfg.pos_grid, w)),
             "key_pos": np.ascontiguousarray(key_pos.reshape(h * w, -1), dtype=np.float32)}

@@ -142,13 +142,22 @@ class ImageTokens:
     newline: list[int]
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "ImageTokens":
+    def from_tokenizer(cls, tok, config_json=None) -> "ImageTokens":
+        """Ids of the image pieces: SentencePiece pieces, else tokenizer_config.json added tokens."""
+        import json
+        from pathlib import Path
         sp = tok.sp
+        added = {}
+        if config_json is not None and Path(config_json).is_file():
+            decoder = json.loads(Path(config_json).read_text()).get("added_tokens_decoder", {})
+            added = {v.get("content"): int(k) for k, v in decoder.items()}
         ids = {}
         for piece in (IMAGE_START, IMAGE_END, SLICE_START, SLICE_END):
             i = sp.PieceToId(piece)
             if i == sp.unk_id() or sp.IdToPiece(i) != piece:
-                raise ExportError(f"tokenizer has no '{piece}' piece: not a MiniCPM-V tokenizer")
+                if piece not in added:
+                    raise ExportError(f"tokenizer has no '{piece}' token: not a MiniCPM-V tokenizer")
+                i = added[piece]
             ids[piece] = i
         nl = sp.PieceToId("<0x0A>")
         newline = [nl] if nl != sp.unk_id() else [i for i in sp.EncodeAsIds("\n") if sp.IdToPiece(i) != "▁"]

@@ -1,0 +1,119 @@
+"""Layer-by-layer calibration, quantization and quality gate in one bounded-memory pass.
+
+A 2B checkpoint in fp32 is 11 GB; this never holds more than the embedding, one decoder layer in
+fp32 and the (small) quantized result. Pass 1 runs the calibration windows through the fp layers one
+at a time, recording E[x^2] of every linear's input (activation-aware clipping) and quantizing each
+layer as soon as its statistics are known; the LM head's statistics come last, so the embedding is
+quantized at the end. Pass 2 runs the gate windows through the dequantized layers, and the two
+perplexities are compared.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import MiniCPMConfig
+from .model import Block, RMSNorm, rope_tables
+from .quality import WINDOW, windows
+from .quant import QTensor, QuantizedModel, Scheme, quantize_weight, is_embedding, is_linear
+
+TensorGetter = Callable[[str], torch.Tensor]   # canonical name -> float32 tensor
+
+
+def _layer(cfg: MiniCPMConfig, get: TensorGetter, i: int) -> Block:
+    block = Block(cfg)
+    block.load_state_dict({k: get(f"layers.{i}.{k}") for k in block.state_dict()}, strict=True)
+    return block.eval()
+
+
+def _forward_layer(block: Block, h: torch.Tensor, cos, sin) -> torch.Tensor:
+    return block(h, cos, sin, None, 0, 0)
+
+
+def _nll(cfg: MiniCPMConfig, norm: RMSNorm, head: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    total = 0.0
+    for w in range(h.shape[0]):  # one window at a time: logits of a 120k vocabulary are large
+        logits = F.linear(norm(h[w]) / cfg.logit_scale, head)
+        total += F.cross_entropy(logits[:-1], ids[w, 1:], reduction="sum").item()
+    return total, h.shape[0] * (h.shape[1] - 1)
+
+
+@torch.no_grad()
+def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], scheme: Scheme,
+                       calib_ids: list[int], importance_windows: int, gate_windows: int,
+                       on_step: Callable[[str], None] = lambda s: None) -> tuple[QuantizedModel, dict | None]:
+    """Quantize every tensor in ``names``; returns (model, {"ppl_fp", "ppl_int4", "tokens"} or None)."""
+    qm = QuantizedModel(scheme)
+    imp_ids = torch.tensor(windows(calib_ids, WINDOW, importance_windows))
+    gate_ids = torch.tensor(windows(calib_ids[len(imp_ids) * WINDOW:], WINDOW, gate_windows))
+    if len(imp_ids) == 0:
+        raise ValueError("calibration text is shorter than one window")
+    emb = get("tok_embeddings.weight")
+    cos, sin = rope_tables(cfg, torch.arange(WINDOW))
+    h_imp = emb[imp_ids] * cfg.scale_emb
+    h_gate = emb[gate_ids] * cfg.scale_emb if len(gate_ids) else None
+    sums: dict[str, torch.Tensor] = {}
+
+    def keep(name, t):
+        bits = scheme.linear_bits if is_linear(name) else scheme.embedding_bits if is_embedding(name) else None
+        if bits is None:
+            qm.tensors[name] = t.to(torch.float16).numpy()
+        else:
+            imp = sums.get(name)
+            qm.tensors[name] = QTensor(bits, *quantize_weight(t, bits, None if imp is None else imp / h_imp[..., 0].numel()))
+
+    for i in range(cfg.num_hidden_layers):
+        block = _layer(cfg, get, i)
+        hooks = []
+        for lname, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                key = f"layers.{i}.{lname}.weight"
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda _m, a, key=key: sums.__setitem__(key, sums.get(key, 0) + a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0))))
+        h_imp = _forward_layer(block, h_imp, cos, sin)
+        for hk in hooks:
+            hk.remove()
+        if h_gate is not None:
+            h_gate = _forward_layer(block, h_gate, cos, sin)
+        for k, v in block.state_dict().items():
+            keep(f"layers.{i}.{k}", v)
+        on_step(f"layer {i}")
+        del block
+
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight.copy_(get("norm.weight"))
+    head_name = "tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight"
+    head = emb if cfg.tie_word_embeddings else get("output.weight")
+    sums[head_name] = (norm(h_imp) / cfg.logit_scale).reshape(-1, cfg.hidden_size).pow(2).sum(0)
+    quality = None
+    if h_gate is not None:
+        nll_fp, n = _nll(cfg, norm, head, h_gate, gate_ids)
+    keep("norm.weight", norm.weight)
+    keep("tok_embeddings.weight", emb)
+    if not cfg.tie_word_embeddings:
+        keep("output.weight", head)
+    del emb, head
+    on_step("embedding")
+    missing = set(names) - set(qm.tensors)
+    if missing:
+        raise ValueError(f"tensors not quantized: {sorted(missing)[:3]}")
+
+    if h_gate is not None and scheme.linear_bits is not None:
+        deq = lambda name: torch.from_numpy(_deq(qm.tensors[name]))  # noqa: E731
+        hq = deq("tok_embeddings.weight")[gate_ids] * cfg.scale_emb
+        for i in range(cfg.num_hidden_layers):
+            hq = _forward_layer(_layer(cfg, deq, i), hq, cos, sin)
+        qnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        qnorm.weight.copy_(deq("norm.weight"))
+        qhead = deq("tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight")
+        nll_q, _ = _nll(cfg, qnorm, qhead, hq, gate_ids)
+        quality = {"ppl_fp": math.exp(nll_fp / n), "ppl_int4": math.exp(nll_q / n), "tokens": int(gate_ids.numel())}
+        on_step("quality gate")
+    return qm, quality
+
+
+def _deq(t) -> "numpy.ndarray":  # noqa: F821
+    return t.dequantize() if isinstance(t, QTensor) else t.astype("float32")
