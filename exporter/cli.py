@@ -10,9 +10,10 @@ import click
 from rich.table import Table
 
 from . import __version__, api
+from .checkpoint import resolve_checkpoint
 from .errors import ExportError
 from .progress import Progress, console, stdout
-from .recipes import KNOWN_TARGETS, load_recipes
+from .recipes import KNOWN_TARGETS, get_recipe, load_recipes
 from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
@@ -273,7 +274,9 @@ TARGET_OPTIONS = {
                              show_default=True, help="aarch64 CPU code, OpenCL kernels, or both."),
                 click.Option(["--soc"], type=click.Choice(list(SOC_PRESETS)), default="generic",
                              show_default=True, help="CPU preset (mcpu/mattr) from targets/tvm/presets.py.")],
-    "ios": [click.Option(["--deployment-target"], default="iOS18", show_default=True)],
+    "ios": [click.Option(["--deployment-target"], default="iOS18", show_default=True,
+                         help="Minimum iOS of the .mlpackage; int4 weights and the KV-cache states "
+                              "need iOS18 or newer (docs/ios.md).")],
 }
 TARGET_OPTIONS["harmony"] = TARGET_OPTIONS["android"]
 
@@ -282,8 +285,9 @@ def make_export_command(target: str) -> click.Command:
     @user_errors
     def run(recipe, checkpoint, out, force, allow_quality_loss, **options):
         out = out or str(api.default_out(recipe, target))
-        show_settings(f"mcpm-export {target}", recipe=recipe, checkpoint=checkpoint or "(resolved offline)",
-                      out=out, force=force, **options)
+        rec = get_recipe(recipe)
+        show_settings(f"mcpm-export {target}", recipe=f"{rec.name} ({rec.repo_id}, {rec.quantization})",
+                      checkpoint=resolve_checkpoint(rec, checkpoint), out=out, force=force, **options)
         bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss,
                             Progress(), **options)
         console.print(f"[bold green]bundle ready:[/] {bundle}")
