@@ -126,7 +126,7 @@ class Checkpoint:
         for shard in sorted({s for s, _ in plan.values()}):
             shapes.update({(shard, k): tuple(v["shape"]) for k, v in _read_header(shard)[1].items()
                            if k != "__metadata__"})
-        for canon, (shard, key) in plan.items():
+        for canon, (shard, key) in sorted(plan.items()):
             if (shard, key) not in shapes:
                 raise ExportError(f"{shard}: tensor '{key}' listed in the index is missing")
             if shapes[shard, key] != expected[canon]:

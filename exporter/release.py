@@ -8,7 +8,6 @@ written under a temporary name, verified (exporter.verify) and only then renamed
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import shutil
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .bundle import sha256_file
 from .errors import ExportError
 from .progress import Progress
 from .recipes import KNOWN_TARGETS, Recipe, get_recipe
@@ -114,14 +114,6 @@ def pack(bundle: Path, archive: Path, top: str) -> None:
                 tar.addfile(info)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def release(recipes: list[str], target: str, out: str | Path = "release", force: bool = False,
             progress: Progress | None = None, **options) -> list[dict]:
     """Build, pack and verify every requested bundle; [{"archive", "sha256", "size", ...}] per archive."""
@@ -156,7 +148,7 @@ def release(recipes: list[str], target: str, out: str | Path = "release", force:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
             final = out / (it.name + SUFFIX)
             os.replace(archive, final)
-        digest = sha256(final)
+        digest = sha256_file(final)
         progress.log(f"{final}  sha256 {digest}")
         results.append({"archive": str(final), "recipe": it.recipe.name, "target": it.target,
                         "quantization": it.recipe.quantization, "version": __version__, "sha256": digest,

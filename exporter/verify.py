@@ -7,8 +7,9 @@ Checks, one problem line each:
     implies and is actually defined in the aarch64 objects of lib/*/model.tar and lib/*/model.so;
     every model library is an ELF for the right machine (aarch64 on the phone, x86_64 for lib/host)
   - the stamped tool versions match what the bundle needs: the TVM that compiled the model library is
-    the TVM runtime the bundled runner carries (runner/BUILD.json), an ios bundle names its coremltools
-    and the .mlpackage records the same coremltools version.
+    the TVM runtime the bundled runner carries (runner/BUILD.json) and, for `mcpm-export run`
+    (host_run), the installed one; an ios bundle's .mlpackage spec version loads on the stated minimum
+    iOS, has the functions the manifest documents, and was written by a coremltools >= 8.
 
 ``verify_bundle(path) -> list[str]`` returns the problems; ``require_verified(path)`` raises ExportError.
 """
@@ -26,13 +27,14 @@ from .bundle import MANIFEST, SCHEMA, check_files, sha256_file
 from .errors import ExportError
 from .recipes import KNOWN_TARGETS
 
-# key -> type(s) the manifest must hold (a (type, ...) tuple: any of them)
+# key -> the type the manifest must hold there
 SCHEMA_KEYS = {
     "schema": str, "mcpm_export_version": str, "recipe": str, "target": str, "quantization": dict,
     "quality": dict, "source": dict, "versions": dict, "files": dict,
 }
 TVM_KEYS = {"system_lib_prefix": str, "libs": dict, "triple": str, "backends": list}
-TVM_TARGETS = ("android", "harmony")
+TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}   # targets/tvm/pipeline.py
+TVM_TARGETS = tuple(TRIPLES)
 ELF_MACHINES = {183: "aarch64", 62: "x86_64"}
 # the module blob a TVM system library registers under its prefix (what system_lib(prefix) looks up)
 LIBRARY_BIN = "__tvm_ffi__library_bin"
@@ -139,11 +141,15 @@ def check_schema(manifest: dict, label: str = MANIFEST) -> list[str]:
 
 
 def check_tvm_libraries(bundle: Path, manifest: dict) -> list[str]:
-    """Symbol prefix and ELF machine of every model library the manifest lists."""
-    prefix, recipe = manifest["system_lib_prefix"], manifest["recipe"]
+    """Triple, symbol prefix and ELF machine of every model library the manifest lists (and of the
+    vision encoder's libraries in a vision bundle, prefix ``<prefix>vision_``)."""
+    prefix, recipe, mf = manifest["system_lib_prefix"], manifest["recipe"], bundle / MANIFEST
     problems = []
+    if manifest["triple"] != TRIPLES[manifest["target"]]:
+        problems.append(f"{mf}: triple '{manifest['triple']}' is not the {manifest['target']} triple "
+                        f"'{TRIPLES[manifest['target']]}'")
     if prefix != expected_prefix(recipe):
-        problems.append(f"{bundle / MANIFEST}: system_lib_prefix '{prefix}' does not match recipe '{recipe}' "
+        problems.append(f"{mf}: system_lib_prefix '{prefix}' does not match recipe '{recipe}' "
                         f"(expected '{expected_prefix(recipe)}')")
     try:
         conf = json.loads((bundle / "mlc-chat-config.json").read_text())
@@ -153,7 +159,19 @@ def check_tvm_libraries(bundle: Path, manifest: dict) -> list[str]:
                             f"!= manifest '{prefix}'")
     except (OSError, ValueError, KeyError, TypeError):
         problems.append(f"{bundle / 'mlc-chat-config.json'}: missing or has no model_lib.system_lib_prefix")
-    for backend, lib in sorted(manifest["libs"].items()):
+    problems += check_libs(bundle, manifest["libs"], prefix, "libs")
+    vision = manifest.get("vision")
+    if isinstance(vision, dict) and isinstance(vision.get("libs"), dict):
+        if vision.get("system_lib_prefix") != prefix + "vision_":
+            problems.append(f"{mf}: vision.system_lib_prefix '{vision.get('system_lib_prefix')}' is not "
+                            f"'{prefix}vision_'")
+        problems += check_libs(bundle, vision["libs"], prefix + "vision_", "vision.libs")
+    return problems
+
+
+def check_libs(bundle: Path, libs: dict, prefix: str, label: str) -> list[str]:
+    problems = []
+    for backend, lib in sorted(libs.items()):
         want_machine = "x86_64" if backend == "host" else "aarch64"
         for kind in ("tar", "so"):
             rel = lib.get(kind) if isinstance(lib, dict) else None
@@ -167,7 +185,7 @@ def check_tvm_libraries(bundle: Path, manifest: dict) -> list[str]:
             for member, machine, _ in members:
                 if machine != want_machine:
                     where = f"{bundle / rel}" + (f":{member}" if kind == "tar" else "")
-                    problems.append(f"{where}: {machine} code, libs.{backend} needs {want_machine}")
+                    problems.append(f"{where}: {machine} code, {label}.{backend} needs {want_machine}")
             if backend == "host":
                 continue      # the host build is a plain (non system-lib) shared library
             symbols = {s for _, _, syms in members for s in syms}
@@ -263,7 +281,7 @@ def runner_files(bundle: Path, manifest: dict) -> dict:
     return table
 
 
-def host_runtime_problems(manifest: dict) -> list[str]:
+def host_runtime_problems(bundle: Path, manifest: dict) -> list[str]:
     """The installed TVM must be the one that compiled lib/host (what `mcpm-export run` loads)."""
     from importlib import metadata
     problems = []
@@ -274,7 +292,7 @@ def host_runtime_problems(manifest: dict) -> list[str]:
         except metadata.PackageNotFoundError:
             have = None
         if want and have != want:
-            problems.append(f"bundle was compiled with {dist} {want}, this runtime is {have or 'not installed'} "
+            problems.append(f"{bundle}: compiled with {dist} {want}, this runtime is {have or 'not installed'} "
                             f"(pip install {dist}=={want})")
     return problems
 
@@ -322,7 +340,7 @@ def _verify_dir(bundle: Path, host_run: bool) -> list[str]:
     if manifest["target"] in TVM_TARGETS:
         problems += check_tvm_libraries(bundle, manifest)
         if host_run:
-            problems += host_runtime_problems(manifest)
+            problems += host_runtime_problems(bundle, manifest)
     problems += check_versions(bundle, manifest)
     return problems
 

@@ -12,6 +12,7 @@ from exporter.errors import ExportError
 TARGETS: dict[str, str] = {
     "android": "targets.tvm.target:ANDROID",
     "harmony": "targets.tvm.target:HARMONY",
+    "ios": "targets.coreml.target:IOS",
 }
 
 

@@ -3,8 +3,10 @@
 The export form of the vision encoder + resampler (exporter/vision/model.py:VisionEncoder) is
 traced with torch.export (one dynamic dim: the patch count N = h*w, so every slice shape the
 planner produces runs on one library, no buckets) and imported with
-tvm.relax.frontend.torch.from_exported_program, then lowered by targets/tvm/pipeline.py for
-the same targets as the text model (aarch64 CPU, OpenCL) plus x86_64 for host verification.
+tvm.relax.frontend.torch.from_exported_program, then lowered for the same targets as the text
+model (aarch64 CPU via targets/tvm/pipeline.py, OpenCL via compile_vision's dlight variant) plus
+x86_64 for host verification. N has no upper bound: TVM allocates the N-sized intermediates at
+run time (a bound would make its static planner reserve the worst case, e.g. N^2 attention).
 
 Bundle additions (next to the text model's files in the same staging directory)::
 
@@ -33,6 +35,7 @@ from exporter.vision.config import VisionConfig
 from exporter.vision.loader import load_minicpmv
 from exporter.vision.model import MiniCPMVVision, VisionEncoder, key_pos_table
 from exporter.vision.slicing import ImagePlan, ImageTokens, build_prompt, plan_image, slice_images
+from targets.tvm.reproducible import canonical_shape_funcs
 
 FUNCTION = "image_embed"
 VISION_DIR = "vision"
@@ -59,6 +62,52 @@ def export_ir(vision: MiniCPMVVision) -> tuple[tvm.IRModule, list[tuple[str, np.
     state = dict(enc.named_parameters())
     params = [(name, state[name].detach().numpy().astype(np.float32)) for name in names]
     return mod, params
+
+
+def _dynamic_reduction(func) -> bool:
+    """True when a block of ``func`` reduces over a symbolic extent (e.g. attention @ V over N)."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import dlight as dl
+    try:
+        infos = dl.normalize_prim_func(Schedule(func)) or []
+    except Exception:   # noqa: BLE001 - not analysable: let the inner rule decide
+        return False
+    return any(it.kind == "R" and not isinstance(it.dom, int) for info in infos for it in info.iters)
+
+
+def compile_vision(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None = None) -> relax.VMExecutable:
+    """targets/tvm/pipeline.py's lowering, except that on GPUs dlight's Matmul rule skips matmuls
+    whose reduction length is the dynamic token count (it would unroll a symbolic loop); those
+    fall through to the GEMV/Reduction/Fallback rules."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
+    from tvm.s_tir import dlight as dl
+
+    from targets.tvm import pipeline
+    if target.kind.name == "llvm":
+        return pipeline.compile_ir(mod, target, prefix=prefix, use_kernels=False)
+
+    class StaticReductionMatmul(dl.ScheduleRule):
+        def __init__(self):
+            self.inner = dl.gpu.Matmul()
+
+        def apply(self, func, target, tunable):
+            return None if _dynamic_reduction(func) else self.inner.apply(func, target, tunable)
+
+    @tvm.transform.module_pass(opt_level=0, name="mcpm_vision_gpu_pipeline")
+    def _pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                      relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                      relax.transform.DeadCodeElimination(),
+                      dl.ApplyDefaultSchedule(StaticReductionMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+            passes += cpu_passes.dataflow_lower_passes(target) + cpu_passes.finalize_passes(target)
+            passes.append(canonical_shape_funcs)   # byte-reproducible builds (targets/tvm/reproducible.py)
+            return tvm.transform.Sequential(passes)(m)
+
+    if prefix is not None:
+        mod = mod.with_attr("system_lib_prefix", prefix)
+    return relax.build(mod, target, relax_pipeline=_pipeline, system_lib=prefix is not None)
 
 
 class VisionRunner:
@@ -173,7 +222,8 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
         raise ExportError(f"--backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
     ck = load_minicpmv(checkpoint_dir, recipe)
     vcfg, vision = ck.vision_config, ck.vision_model()
-    tok = ImageTokens.from_tokenizer(Tokenizer(ck.checkpoint.tokenizer_path))
+    tok = ImageTokens.from_tokenizer(Tokenizer(ck.checkpoint.tokenizer_path),
+                                     ck.checkpoint.path / "tokenizer_config.json")
     triple, preset = pipeline.TRIPLES[platform], get_preset(soc)
     prefix = pipeline.system_lib_prefix(recipe.name) + "vision_"
     vdir = staging / VISION_DIR
@@ -183,7 +233,7 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
     for b in BACKENDS[backend]:
         say("vision", f"compile {b}: {triple}")
         target = pipeline.make_target(b, preset.llvm_target(triple))
-        ex = pipeline.compile_ir(mod, target, prefix=prefix, use_kernels=False)
+        ex = compile_vision(mod, target, prefix=prefix)
         out = vdir / "lib" / b
         out.mkdir(parents=True, exist_ok=True)
         pipeline.save_tar(ex, out / "vision.tar")
@@ -198,7 +248,7 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
     say("vision", "compile host (x86_64) for verification")
     host = pipeline.make_target("cpu", pipeline.HOST_TARGET)
     (vdir / "lib" / "host").mkdir(parents=True, exist_ok=True)
-    pipeline.save_so(pipeline.compile_ir(mod, host, use_kernels=False), vdir / "lib" / "host" / "vision.so", "x86_64")
+    pipeline.save_so(compile_vision(mod, host), vdir / "lib" / "host" / "vision.so", "x86_64")
     libs["host"] = {"so": f"{VISION_DIR}/lib/host/vision.so"}
     write_tensor_cache(params, vdir / "params", {"ParamSize": len(params),
                                                  "ParamBytes": int(sum(a.nbytes for _, a in params))})
@@ -224,9 +274,9 @@ def build_vision_part(ctx, staging: Path, platform: str) -> dict:
                         ctx.options.get("backend", "cpu"), ctx.options.get("soc", "generic"), ctx.progress)
 
 
-def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str) -> tuple[list[int], list[int]]:
+def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None) -> tuple[list[int], list[int]]:
     """Token ids of [bos] image-block newline text, and where each image's 64 features go."""
-    return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer), tokenizer.encode(text, bos=False),
+    return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer, config_json), tokenizer.encode(text, bos=False),
                         tokenizer.bos_id)
 
 
@@ -285,7 +335,7 @@ def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_t
     vision = VisionRunner.from_bundle(Path(bundle))
     model, tok, conf = load_bundle(Path(bundle))
     plan, feats, times = vision.embed_image(image)
-    ids, starts = image_prompt(tok, plan, prompt)
+    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json")
     gen = generate_with_image(model, ids, starts, feats, vision.cfg.query_num, max_new_tokens,
                               conf.get("eos_token_id"))
     n_new = len(gen["tokens"])

@@ -7,10 +7,12 @@ package whose functions share one copy of the weights (save_multifunction dedups
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +26,34 @@ logging.getLogger("coremltools").setLevel(logging.ERROR)
 import coremltools as ct  # noqa: E402  (after quieting its import-time logging)
 import coremltools.optimize.coreml as cto  # noqa: E402
 
+@contextmanager
+def quiet():
+    """Silence coremltools' tqdm bars and warnings (progress is reported through rich instead)."""
+    import tqdm
+    from coremltools.converters.mil.frontend.torch import ops as torch_ops
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+    from coremltools.optimize.coreml import _quantization_passes
+
+    silent = functools.partial(tqdm.tqdm, disable=True)
+    saved = (torch_ops._tqdm, pass_pipeline.tqdm, _quantization_passes.tqdm)
+    torch_ops._tqdm = pass_pipeline.tqdm = _quantization_passes.tqdm = silent
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_ops._tqdm, pass_pipeline.tqdm, _quantization_passes.tqdm = saved
+
+
 MIN_IOS = 18
 BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
 STATE_NAMES = ("key_cache", "value_cache")
 
 
-def io_spec(model: CoreMLMiniCPM, chunk: int) -> dict:
+def io_spec(cfg, context: int, chunk: int) -> dict:
     """Input/output/state names and shapes of both functions (written into the manifest)."""
-    cfg = model.cfg
-    cache = [cfg.num_hidden_layers, cfg.num_key_value_heads, model.context, cfg.head_dim]
+    cache = [cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim]
     states = {n: {"shape": cache, "dtype": "float16"} for n in STATE_NAMES}
     return {
         "prefill": {
@@ -64,8 +84,7 @@ def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool) -> "ct.mo
                                                       dtype=np.float16), name=n)
               for n in STATE_NAMES]
     model.reset()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet():
         program = torch.export.export(model, example).run_decompositions({})
         return ct.convert(program, inputs=inputs, states=states,
                           outputs=[ct.TensorType(name="logits", dtype=np.float16)],
@@ -97,18 +116,22 @@ def compression_config(mlmodel, embed_bits: int = 8) -> "cto.OptimizationConfig"
             names[op.name] = int4
         else:
             names[op.name] = None
+    if not any(n in names for n in EMBED_NAMES):
+        raise ExportError(f"ios: converted program has no embedding constant {EMBED_NAMES[0]} "
+                          f"(coremltools/torch naming changed?)")
     return cto.OptimizationConfig(global_config=None, op_name_configs=names)
 
 
 def compress(mlmodel, embed_bits: int = 8):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         return cto.linear_quantize_weights(mlmodel, compression_config(mlmodel, embed_bits))
 
 
-def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int = 8,
+def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int | None = 8,
                     progress=lambda stage, msg: None) -> Path:
-    """Write ``out`` (an .mlpackage with functions ``prefill`` and ``decode``)."""
+    """Write ``out`` (an .mlpackage with functions ``prefill`` and ``decode``).
+
+    embed_bits None keeps every weight float16 (scheme fp16)."""
     if chunk > model.context:
         raise ExportError(f"ios: prefill_chunk {chunk} exceeds the context window {model.context}")
     with tempfile.TemporaryDirectory(prefix="mcpm-coreml-") as tmp:
@@ -116,9 +139,10 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int
         for name, tokens, prefill in (("prefill", chunk, True), ("decode", 1, False)):
             progress("coreml", f"converting function '{name}' ({tokens} token(s))")
             mlmodel = convert_function(model, tokens, prefill)
-            progress("coreml", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
-                               f"embedding {embed_bits}-bit)")
-            mlmodel = compress(mlmodel, embed_bits)
+            if embed_bits is not None:
+                progress("coreml", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
+                                   f"embedding {embed_bits}-bit)")
+                mlmodel = compress(mlmodel, embed_bits)
             parts[name] = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(parts[name]))
             del mlmodel
@@ -129,7 +153,8 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int
         desc.default_function_name = "decode"
         if out.exists():
             shutil.rmtree(out)
-        ct.utils.save_multifunction(desc, str(out))
+        with quiet():
+            ct.utils.save_multifunction(desc, str(out))
     model.reset()
     return out
 

@@ -92,7 +92,8 @@ def _shape(op, val):  # coremltools' version reads the (possibly symbolic) stati
     return np.array(np.shape(val(op.x)), dtype=np.int32)
 
 
-OWN_OPS = {"linear": _linear, "silu": _silu, "shape": _shape, "matmul": _matmul, "slice_update": _slice_update, "gather": _gather}
+OWN_OPS = {"linear": _linear, "matmul": _matmul, "silu": _silu, "shape": _shape,
+           "slice_update": _slice_update, "gather": _gather}
 
 
 class Interpreter:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from coremltools.converters.mil.mil import types
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
@@ -21,7 +22,6 @@ from exporter.model import MiniCPM
 
 from .convert import STATE_NAMES
 from .mil_interp import Interpreter
-from coremltools.converters.mil.mil import types
 
 FUNCTIONS = ("prefill", "decode")
 # Core ML computes activations in float16; the reference in float32 with identical weights.

@@ -1,21 +1,28 @@
 """Fused int4 (q4f16) matmul kernels for the TVM CPU build (issue 3).
 
 ``optimize_for_cpu(mod, target)`` takes the Relax module exported from targets/tvm/model.py (before
-``tvm.compile``) and replaces every int4 linear layer, emitted there as
+``tvm.compile`` / LegalizeOps) and rewrites every quantized linear layer, emitted there as
 
     w = call_tir(dequantize, (q_weight uint32[out, in/8], q_scale float16[out, in/32])) -> float32[out, in]
     y = matmul(x, permute_dims(w))
 
-by one ``call_tir`` of a fused kernel that never materialises ``w``: a TIR wrapper quantises the
-activations to int8 per group of 32 and calls the C microkernels of microkernels/q4_matmul.c row-block
-parallel (``T.parallel`` -> TVM's thread pool, TVM_NUM_THREADS).  The microkernels are compiled with
-clang for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
-NEON+dotprod, portable C) and attached to the module as an external object (``external_mods``), so
-``export_library`` links them into the model library, the Android system-lib archive included.
+(and the int8 ``dequantize_q8`` of scheme q4f16_e8's embedding/tied head the same way), found with a
+Relax dataflow pattern, into two opaque ``call_tir``s that never materialise ``w``:
+
+    (xq, nb, xd) = call_tir(mcpm_q4_quant, (x2,))       # activations -> int8 per group of 32
+    (y2, _)      = call_tir(mcpm_q4_rows, (q_weight, q_scale, xq, nb, xd))  # + a scratch row counter
+
+The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern``; the
+threads of a ``T.parallel`` loop (TVM's thread pool, TVM_NUM_THREADS) take weight rows in chunks from
+an atomic counter (dynamic split: a slow or descheduled core does not stall the others). The C is compiled by clang
+for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
+NEON+dotprod, portable C; see ``isa_of``) and attached to the module as an external object
+(``external_mods``), so ``export_library`` links it into the model library, .so or system-lib .tar.
 
 Numerics: like llama.cpp's Q4_0 x Q8_0 the activations are rounded to int8 per 32-group (relative
-error ~ 1/254 per group); tests/test_tvm_kernels.py states the tolerance against numpy dequant+matmul.
-Other matmuls (q8, fp16 weights, non-float32 activations) are left alone.
+error ~ 5e-3 on random data); tests/test_tvm_kernels.py states the tolerance against numpy
+dequant+matmul. Matmuls with fp16/fp32 weights or non-float32 activations are left to the stock
+pipeline.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from tvm.script import tirx as T
 from exporter.errors import ExportError
 
 SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"
-ROWS_PER_TASK = 16           # weight rows per parallel task (decode GEMV work split)
+ROWS_PER_TASK = 16           # weight rows handed to a thread at a time
+PARALLEL_SLOTS = 64          # parallel-loop extent: >= the thread count of any CPU we target
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcpm-export" / "kernels"
 
 
@@ -80,7 +88,7 @@ def clang_flags(target: tvm.target.Target) -> list[str]:
     if _is_aarch64(triple):
         ext = [_ARM_EXT[f[1:]] for f in feats if f.startswith("+") and f[1:] in _ARM_EXT]
         base = "armv8.6-a" if "i8mm" in ext else ("armv8.2-a" if ext else "armv8-a")
-        flags.append("-march=" + "+".join([base, *ext]))
+        flags += ["-march=" + "+".join([base, *ext]), "-mno-outline-atomics"]   # no libgcc helper calls
     elif triple.startswith("x86_64"):
         if cpu and cpu != "generic":
             flags.append(f"-march={cpu}")
@@ -125,30 +133,53 @@ def isa_of(target: tvm.target.Target) -> str:
     return "portable-c"
 
 
-# ---------------------------------------------------------------- the TIR wrapper
-def q4_matmul_func(n_out: int, k: int) -> tirx.PrimFunc:
-    """PrimFunc Y[m, n_out] = X[m, k] @ dequant(qw, sc).T with symbolic m, calling the microkernels."""
-    G, W = k // 32, k // 8
-    ntask = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    rpt = ROWS_PER_TASK
+# ---------------------------------------------------------------- the TIR wrappers
+# Parameters are plain handles (TVM passes a DLTensor* for each); the C side reads data and shapes.
+# Buffer pointers (``A.data``) in a call would make TVM 0.27's AttachGlobalSymbol fail on system-lib
+# builds (those with a ``system_lib_prefix``).
+def quant_act_func(kind: str) -> tirx.PrimFunc:
+    """x float32 [m, k] -> the int8 activation buffers of mcpm_{kind}_quant_act (any m, k)."""
+    if kind == "q4":
+        @T.prim_func(private=True)
+        def q4_quant(x: T.handle, xq: T.handle, nb: T.handle, xd: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            T.evaluate(T.call_extern("int32", "mcpm_q4_quant_act", x, xq, nb, xd))
+
+        return q4_quant
 
     @T.prim_func(private=True)
-    def q4_matmul(x: T.handle, qw: T.Buffer((n_out, W), "uint32"), sc: T.Buffer((n_out, G), "float16"),
-                  y: T.handle):
+    def q8_quant(x: T.handle, xq: T.handle, xd: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-        m = T.int64()
-        X = T.match_buffer(x, (m, k), "float32")
-        Y = T.match_buffer(y, (m, n_out), "float32")
-        xq = T.alloc_buffer((m * k,), "int8")
-        nb = T.alloc_buffer((m * W,), "int32")
-        xd = T.alloc_buffer((m * G,), "float32")
-        T.evaluate(T.call_extern("int32", "mcpm_q4_quant_act", X.data, m, T.int64(k), xq.data, nb.data, xd.data))
-        for t in T.parallel(T.int64(ntask)):
-            T.evaluate(T.call_extern("int32", "mcpm_q4_matmul_rows", qw.data, sc.data, xq.data, nb.data,
-                                     xd.data, Y.data, m, T.int64(k), T.int64(n_out),
-                                     T.Cast("int32", t * rpt), T.Cast("int32", T.min(t * rpt + rpt, n_out))))
+        T.evaluate(T.call_extern("int32", "mcpm_q8_quant_act", x, xq, xd))
 
-    return q4_matmul
+    return q8_quant
+
+
+def matmul_rows_func(kind: str) -> tirx.PrimFunc:
+    """y[m, n_out] (and a scratch row counter) from the weights and the quantised activations.
+
+    Rows are handed out dynamically, ROWS_PER_TASK at a time, through an atomic counter that the
+    wrapper zeroes first; PARALLEL_SLOTS parallel iterations cover any thread-pool size."""
+    rpt, slots = ROWS_PER_TASK, PARALLEL_SLOTS
+    if kind == "q4":
+        @T.prim_func(private=True)
+        def q4_rows(qw: T.handle, sc: T.handle, xq: T.handle, nb: T.handle, xd: T.handle, y: T.handle,
+                    cnt: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            T.evaluate(T.call_extern("int32", "mcpm_counter_reset", cnt))
+            for t in T.parallel(slots):
+                T.evaluate(T.call_extern("int32", "mcpm_q4_matmul_dyn", qw, sc, xq, nb, xd, y, cnt, rpt))
+
+        return q4_rows
+
+    @T.prim_func(private=True)
+    def q8_rows(qw: T.handle, sc: T.handle, xq: T.handle, xd: T.handle, y: T.handle, cnt: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.evaluate(T.call_extern("int32", "mcpm_counter_reset", cnt))
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", "mcpm_q8_matmul_dyn", qw, sc, xq, xd, y, cnt, rpt))
+
+    return q8_rows
 
 
 # ---------------------------------------------------------------- the Relax rewrite
@@ -161,39 +192,42 @@ def _static_shape(ty) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims)
 
 
-def _q4_signature(qw, sc, w) -> tuple[int, int] | None:
-    """(out, in) when qw/sc/w have the q4f16 dequantize signature of docs/DESIGN.md, else None."""
+def _signature(qw, sc, w) -> tuple[str, int, int] | None:
+    """("q4" | "q8", out, in) when qw/sc/w match a dequantize of docs/DESIGN.md (q4f16 or int8), else None."""
     sq, ss, sw = (_static_shape(e.ty) for e in (qw, sc, w))
     if None in (sq, ss, sw) or len(sq) != 2 or len(ss) != 2 or len(sw) != 2:
         return None
-    if (str(qw.ty.dtype), str(sc.ty.dtype), str(w.ty.dtype)) != ("uint32", "float16", "float32"):
-        return None
     n_out, k = sw
-    if sq != (n_out, k // 8) or ss != (n_out, k // 32) or k % 32:
+    if str(sc.ty.dtype) != "float16" or str(w.ty.dtype) != "float32" or k % 32 or ss != (n_out, k // 32):
         return None
-    return n_out, k
+    if str(qw.ty.dtype) == "uint32" and sq == (n_out, k // 8):
+        return "q4", n_out, k
+    if str(qw.ty.dtype) == "int8" and sq == (n_out, k):
+        return "q8", n_out, k
+    return None
 
 
 class _Rewriter:
     def __init__(self, mod: tvm.IRModule):
         self.bb = relax.BlockBuilder(mod)
-        self.kernels: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.kernels: dict[str, relax.GlobalVar] = {}
         self.count = 0
         self.x, self.qw, self.sc, self.fn = wildcard(), wildcard(), wildcard(), wildcard()
         self.deq = is_op("relax.call_tir")(self.fn, is_tuple([self.qw, self.sc]), add_constraint=False)
         self.perm = is_op("relax.permute_dims")(self.deq)
         self.pattern = is_op("relax.matmul")(self.x, self.perm)
 
-    def _kernel(self, n_out: int, k: int) -> relax.GlobalVar:
-        if (n_out, k) not in self.kernels:
-            name = f"mcpm_q4_matmul_{n_out}x{k}"
-            func = q4_matmul_func(n_out, k).with_attr("global_symbol", name)
-            self.kernels[(n_out, k)] = self.bb.add_func(func, name)
-        return self.kernels[(n_out, k)]
+    def _func(self, name: str, make) -> relax.GlobalVar:
+        if name not in self.kernels:
+            self.kernels[name] = self.bb.add_func(make().with_attr("global_symbol", name), name)
+        return self.kernels[name]
 
     def __call__(self, orig: relax.Expr, m: dict) -> relax.Expr:
         x, qw, sc, deq = m[self.x], m[self.qw], m[self.sc], m[self.deq]
-        sig = _q4_signature(qw, sc, deq)
+        callee = m[self.fn]
+        if not isinstance(callee, relax.GlobalVar) or "dequantize" not in callee.name_hint:
+            return orig           # model.py: "dequantize" (q4f16), "dequantize_q8" (int8)
+        sig = _signature(qw, sc, deq)
         axes = m[self.perm].attrs.axes
         if sig is None or (axes is not None and [int(a) for a in axes] != [1, 0]):
             return orig
@@ -201,7 +235,7 @@ class _Rewriter:
         if not isinstance(xs, relax.TensorType) or str(xs.dtype) != "float32" or xs.shape is None \
                 or xs.ndim < 1 or not isinstance(xs.shape, relax.ShapeExpr):
             return orig
-        n_out, k = sig
+        kind, n_out, k = sig
         dims = list(xs.shape.values)
         if not isinstance(dims[-1], tirx.IntImm) or int(dims[-1]) != k:
             return orig
@@ -209,14 +243,22 @@ class _Rewriter:
         for d in dims[:-1]:
             rows = rows * d
         x2 = relax.op.reshape(x, relax.ShapeExpr([rows, k]))
-        y2 = relax.op.call_tir(self._kernel(n_out, k), relax.Tuple([x2, qw, sc]),
-                               relax.TensorType([rows, n_out], "float32"))
+        i8, i32, f32 = "int8", "int32", "float32"
+        acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // 32)], f32)]
+        if kind == "q4":
+            acts.insert(1, relax.TensorType([rows * (k // 8)], i32))
+        quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind)),
+                                  relax.Tuple([x2]), acts)
+        ins = [qw, sc] + [relax.TupleGetItem(quant, i) for i in range(len(acts))]
+        res = relax.op.call_tir(self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind)), relax.Tuple(ins),
+                                [relax.TensorType([rows, n_out], f32), relax.TensorType([1], i32)])
+        y2 = relax.TupleGetItem(res, 0)
         self.count += 1
         return relax.op.reshape(y2, relax.ShapeExpr([*dims[:-1], n_out]))
 
 
 def fuse_q4_matmul(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Replace dequantize+matmul by fused-kernel calls; returns (module, number of layers rewritten)."""
+    """Replace q4f16 / int8 dequantize+matmul by fused-kernel calls; returns (module, layers rewritten)."""
     rw = _Rewriter(mod)
     updates = {}
     for gv, func in mod.functions.items():
@@ -244,7 +286,7 @@ def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 
 def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Fuse every q4f16 dequantize+matmul of ``mod`` into the CPU int4 kernels for ``target``.
+    """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``.
 
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).

@@ -4,28 +4,39 @@ Backends: ``cpu`` (aarch64 LLVM, NEON; SoC preset from presets.py), ``opencl`` (
 OpenCL C kernels + aarch64 host code; dlight GPU schedules) and ``host`` (x86_64 LLVM, used to verify
 the export and by ``mcpm-export run``). Targets are JSON dicts.
 
-CPU lowering is the plain Relax pipeline (legalize, fuse, no schedule: compiles in minutes for 2B).
-When ``targets/tvm/kernels.py`` is importable, ``kernels.optimize_for_cpu(mod, target)`` is applied to
-the exported Relax module first (before LegalizeOps) and may fuse/replace the dequantize+matmul
-pattern described in model.py; anything it leaves is lowered by the plain pipeline.
+Lowering order for every build:
+1. CPU only, when ``targets/tvm/kernels.py`` is importable: ``kernels.optimize_for_cpu(mod, target)`` on the
+   exported Relax module (before LegalizeOps); it replaces the q4 dequantize+matmul pattern of model.py
+   by its fused int4 kernels.
+2. ``fuse_dequantize_matmul``: every dequantize+matmul still left (all of them without kernels.py or on
+   OpenCL; the q8 embedding/head and fp16 weights always) becomes one plain TIR reduction with the
+   dequantize inlined, so no float32 weight copy is materialised per token.
+3. The plain Relax pipeline: legalize, fuse, (OpenCL: dlight GPU schedules), VM lowering. No CPU
+   schedules: a 2B model compiles in well under a minute per target.
 """
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.support import cc
 
 from exporter.config import MiniCPMConfig
+from exporter.errors import ExportError
 
 from .model import MiniCPMTVM
+from .reproducible import canonical_shape_funcs
 
 TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
-HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu"}
+# x86-64-v3 (AVX2, FMA, F16C: any x86 CPU since ~2015): F16C makes the fp16 scale loads single
+# instructions (generic x86-64 calls a soft-float helper per weight: 8x slower decode).
+HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}
 # OpenCL device code; max_num_threads 256 / 32 KB shared memory fit both Adreno 6xx+ and Mali G7x+.
 OPENCL_TARGET = {"kind": "opencl", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1}
@@ -57,12 +68,103 @@ def export_ir(cfg: MiniCPMConfig, scheme: str | None, target: tvm.target.Target,
     return bb.get(), specs
 
 
+def kernels_available() -> bool:
+    """Whether CPU builds go through kernels.optimize_for_cpu (fused int4 kernels, int8 activations)."""
+    return _kernels() is not None
+
+
 def _kernels():
     try:
         from . import kernels  # owned by the int4 kernel engineer; optional
     except ImportError:
         return None
     return kernels if hasattr(kernels, "optimize_for_cpu") else None
+
+
+def _dequant_matmul_func(kind: str, n_out: int, k: int) -> tirx.PrimFunc:
+    """y[rows, out] = x[rows, k] @ dequantize(W).T with the dequantize inlined (never materialised)."""
+    rows = tirx.Var("rows", "int64")
+    x = te.placeholder((rows, k), "float32", "x")
+    r = te.reduce_axis((0, k), "k")
+    if kind == "q4":
+        qw, sc = te.placeholder((n_out, k // 8), "uint32", "q_weight"), te.placeholder((n_out, k // 32), "float16", "q_scale")
+        ws = [qw, sc]
+
+        def w(o, j):
+            nib = (qw[o, j // 8] >> (tirx.Cast("uint32", j % 8) * tirx.const(4, "uint32"))) & tirx.const(15, "uint32")
+            return (nib.astype("float32") - tirx.const(7, "float32")) * sc[o, j // 32].astype("float32")
+    elif kind == "q8":
+        qw, sc = te.placeholder((n_out, k), "int8", "q_weight"), te.placeholder((n_out, k // 32), "float16", "q_scale")
+        ws = [qw, sc]
+
+        def w(o, j):
+            return qw[o, j].astype("float32") * sc[o, j // 32].astype("float32")
+    else:
+        wt = te.placeholder((n_out, k), "float16", "weight")
+        ws = [wt]
+
+        def w(o, j):
+            return wt[o, j].astype("float32")
+    y = te.compute((rows, n_out), lambda i, o: te.sum(x[i, r] * w(o, r), axis=r), name="dequantize_matmul")
+    return te.create_prim_func([x, *ws, y])
+
+
+def fuse_dequantize_matmul(mod: tvm.IRModule) -> tvm.IRModule:
+    """Plain fallback for every ``matmul(x, permute_dims(call_tir(dequantize*, W)))`` left in ``mod``
+    (all of them without kernels.py; q8/fp16 ones with it): one TIR function per weight shape that
+    dequantizes inside the reduction, so no float32 copy of the weights is written per token."""
+    bb = relax.BlockBuilder(mod)
+    funcs: dict[tuple, relax.GlobalVar] = {}
+    x, fn, args = wildcard(), wildcard(), wildcard()
+    deq = is_op("relax.call_tir")(fn, args, add_constraint=False)
+    perm = is_op("relax.permute_dims")(deq)
+    pattern = is_op("relax.matmul")(x, perm)
+
+    def rewrite(orig, m):
+        callee, ws = m[fn], m[args]
+        if not isinstance(callee, relax.GlobalVar) or "dequantize" not in callee.name_hint \
+                or not isinstance(ws, relax.Tuple):
+            return orig
+        dtypes = tuple(str(f.ty.dtype) for f in ws.fields)
+        kind = {("uint32", "float16"): "q4", ("int8", "float16"): "q8", ("float16",): "f16"}.get(dtypes)
+        xt, wt = m[x].ty, m[deq].ty
+        if kind is None or str(xt.dtype) != "float32" or not isinstance(xt.shape, relax.ShapeExpr):
+            return orig
+        n_out, k = (int(d) for d in wt.shape.values)
+        dims = list(xt.shape.values)
+        rows = tirx.IntImm("int64", 1)
+        for d in dims[:-1]:
+            rows = rows * d
+        key = (kind, n_out, k)
+        if key not in funcs:
+            name = f"fused_dequantize_matmul_{kind}_{n_out}x{k}"
+            funcs[key] = bb.add_func(_dequant_matmul_func(*key).with_attr("global_symbol", name), name)
+        x2 = relax.op.reshape(m[x], relax.ShapeExpr([rows, k]))
+        y2 = relax.op.call_tir(funcs[key], relax.Tuple([x2, *ws.fields]), relax.TensorType([rows, n_out], "float32"))
+        return relax.op.reshape(y2, relax.ShapeExpr([*dims[:-1], n_out]))
+
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            new = rewrite_call(pattern, rewrite, func)
+            if not new.same_as(func):
+                updates[gv] = new
+    for gv, func in updates.items():
+        bb.update_func(gv, func)
+    mod = bb.get()
+    entries = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+    return relax.transform.DeadCodeElimination(entries)(mod)
+
+
+def _prefix_prim_funcs(mod: tvm.IRModule, prefix: str) -> tvm.IRModule:
+    """global_symbol of every PrimFunc -> prefix + name (what AttachGlobalSymbol does with a prefix)."""
+    out = tvm.IRModule({}, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            func = func.with_attr("global_symbol", prefix + gv.name_hint)
+        out[gv] = func
+    return out
 
 
 def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -81,7 +183,16 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                 passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
             passes += cpu_passes.dataflow_lower_passes(target) + cpu_passes.finalize_passes(target)
-            return tvm.transform.Sequential(passes)(mod)
+            passes.append(canonical_shape_funcs)   # byte-reproducible builds (targets/tvm/reproducible.py)
+            # TVM 0.27's AttachGlobalSymbol crashes renaming PrimFuncs that contain T.call_extern (the
+            # int4 kernels) when a system_lib_prefix is set: attach plain symbols, then prefix them here.
+            prefix = mod.get_attr("system_lib_prefix")
+            if prefix:
+                mod = mod.without_attr("system_lib_prefix")
+            mod = tvm.transform.Sequential(passes)(mod)
+            if prefix:
+                mod = _prefix_prim_funcs(mod, str(prefix)).with_attr("system_lib_prefix", prefix)
+            return mod
 
     return _pipeline
 
@@ -93,6 +204,7 @@ def compile_ir(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None 
     kernels = _kernels() if use_kernels and target.kind.name == "llvm" else None
     if kernels is not None:
         mod = kernels.optimize_for_cpu(mod, target)
+    mod = fuse_dequantize_matmul(mod)
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
     return relax.build(mod, target, relax_pipeline=relax_pipeline(target),
@@ -101,18 +213,40 @@ def compile_ir(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None 
 
 def save_tar(ex: relax.VMExecutable, path: Path) -> None:
     """Static form (for linking into an app): a .tar of aarch64 objects, symbols under the prefix."""
+    from exporter.release import normalize_tar
+
     ex.export_library(str(path))
+    normalize_tar(path)   # reproducible: TVM's tar stamps member mtimes and the build user
 
 
 def save_so(ex: relax.VMExecutable, path: Path, triple: str) -> None:
-    """Shared form (dlopen, ``tvm.runtime.load_module``): clang + lld for the target triple. Runtime
-    symbols (TVM runtime, libc, libm) stay undefined and are resolved by the loading process."""
+    """Shared form: clang + lld for the target triple (x86_64: TVM's default, loadable with
+    ``tvm.runtime.load_module``). A device .so is a system lib: dlopen it RTLD_GLOBAL, then
+    ``ffi.SystemLib(prefix)``. TVM runtime, libc and libm symbols stay undefined (resolved by the loader)."""
     if triple.startswith("x86_64"):
         ex.export_library(str(path))
         return
     link = cc.cross_compiler("clang", options=[f"--target={triple}", "-fuse-ld=lld", "-nostdlib",
-                                               "-Wl,--allow-shlib-undefined", "-Wl,--build-id=none"])
+                                               "-Wl,--allow-shlib-undefined", "-Wl,--build-id=none",
+                                               "-Wl,--strip-debug"])
     ex.export_library(str(path), fcompile=link)
+
+
+OPENCL_CHECK = ["clang", "--target=spir64", "-x", "cl", "-cl-std=CL1.2", "-Xclang", "-finclude-default-header",
+                "-fsyntax-only"]
+
+
+def check_opencl_source(path: Path) -> str:
+    """Compile-check the OpenCL C with clang's OpenCL front end (no OpenCL runtime here); returns the
+    command used, ExportError with clang's first error otherwise."""
+    try:
+        r = subprocess.run([*OPENCL_CHECK, str(path)], capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise ExportError("clang not found: needed to check the OpenCL kernels (apt-get install clang)") from None
+    if r.returncode != 0:
+        first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
+        raise ExportError(f"{path}: OpenCL C does not compile: {first}")
+    return " ".join(OPENCL_CHECK)
 
 
 def opencl_source(ex: relax.VMExecutable) -> str:

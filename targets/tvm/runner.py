@@ -101,10 +101,12 @@ def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
 
     from exporter.bundle import read_manifest
     from exporter.tokenizer import Tokenizer
+    from exporter.verify import require_verified
 
     from .params import read_tensor_cache
 
     bundle = Path(bundle)
+    require_verified(bundle, host_run=True)   # refuse tampered / mismatched bundles (exporter/verify.py)
     manifest = read_manifest(bundle)
     if manifest.get("target") not in ("android", "harmony"):
         raise ExportError(f"{bundle}: a '{manifest.get('target')}' bundle; `run` needs an android or "

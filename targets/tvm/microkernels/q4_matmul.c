@@ -35,6 +35,22 @@
 #define BLK 1
 #endif
 
+/* DLPack's DLTensor (stable C ABI). TVM passes one for each handle parameter of the TIR wrappers in
+ * kernels.py: handle parameters (rather than buffer pointers) keep the wrappers free of pointer
+ * expressions, which TVM 0.27's AttachGlobalSymbol cannot rewrite when a system-lib prefix is set. */
+typedef struct {
+  void* data;
+  int32_t device_type, device_id;
+  int32_t ndim;
+  uint8_t code, bits;
+  uint16_t lanes;
+  const int64_t* shape;
+  const int64_t* strides;
+  uint64_t byte_offset;
+} DLT;
+
+#define PTR(T, t) ((T*)((char*)(t)->data + (t)->byte_offset))
+
 /* IEEE half -> float, portable (used for tails and the portable path). */
 static float h2f(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -56,6 +72,19 @@ static float h2f(uint16_t h) {
   return v.f;
 }
 
+/* half -> float in the hot loops: F16C / aarch64 fp16 conversion when the ISA has it. */
+static inline float h2f_fast(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+  union { uint16_t u; __fp16 f; } v;
+  v.u = h;
+  return (float)v.f;
+#else
+  return h2f(h);
+#endif
+}
+
 static inline float fabs_(float x) { return x < 0 ? -x : x; }
 
 static inline int8_t round_q(float v) {
@@ -64,7 +93,7 @@ static inline int8_t round_q(float v) {
 }
 
 /* Quantise m tokens of k inputs: xq int8[m*k], nb int32[m*k/8], xd float[m*k/32]. */
-int32_t mcpm_q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32_t* nb, float* xd) {
+static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32_t* nb, float* xd) {
   const int64_t G = k / 32;
   for (int64_t t = 0; t < m; t++) {
     const float* xt = x + t * k;
@@ -93,6 +122,11 @@ int32_t mcpm_q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int3
       g0 += nblk;
     }
   }
+}
+
+/* x float32 [m, k] -> xq int8 [m*k], nb int32 [m*k/8], xd float32 [m*k/32] */
+int32_t mcpm_q4_quant_act(const DLT* x, DLT* xq, DLT* nb, DLT* xd) {
+  q4_quant_act(PTR(const float, x), x->shape[0], x->shape[1], PTR(int8_t, xq), PTR(int32_t, nb), PTR(float, xd));
   return 0;
 }
 
@@ -100,7 +134,7 @@ int32_t mcpm_q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int3
 static inline float group_dot(const uint8_t* w, uint16_t s, const int8_t* xq, const int32_t* nb, float d) {
   int32_t acc = nb[0] + nb[1] + nb[2] + nb[3];
   for (int i = 0; i < 16; i++) acc += (int32_t)(w[i] & 15) * xq[i] + (int32_t)(w[i] >> 4) * xq[16 + i];
-  return h2f(s) * d * (float)acc;
+  return h2f_fast(s) * d * (float)acc;
 }
 
 /* Dot product of one packed weight row (G groups) with one quantised token. */
@@ -166,7 +200,7 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq + g * 32))),
                                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + g * 32 + 32))));
     const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_loadu_si256((const __m256i*)(nb + g * 4)));
-    const __m256 sv = _mm256_set_m128(_mm_set1_ps(h2f(s[g + 1]) * xd[g + 1]), _mm_set1_ps(h2f(s[g]) * xd[g]));
+    const __m256 sv = _mm256_set_m128(_mm_set1_ps(h2f_fast(s[g + 1]) * xd[g + 1]), _mm_set1_ps(h2f_fast(s[g]) * xd[g]));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, acc);
   }
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -204,18 +238,219 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   return r;
 }
 
-/* y[t, r] for tokens t < m and weight rows r0 <= r < r1 of qw uint32[n_out, k/8], sc f16[n_out, k/32]. */
-int32_t mcpm_q4_matmul_rows(const uint32_t* qw, const uint16_t* sc, const int8_t* xq, const int32_t* nb,
-                            const float* xd, float* y, int64_t m, int64_t k, int64_t n_out, int32_t r0,
-                            int32_t r1) {
-  /* r0/r1 are int32: TVM's parallel-loop lowering passes the task range as i32 (an int64 parameter
-   * would read undefined upper bits on aarch64). */
+/* Four tokens against one weight row (prefill): the weight block is unpacked once for all four. */
+#if BLK == 4 || (defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD))
+#define HAVE_DOT4 1
+static inline void row_dot4(const uint8_t* w, const uint16_t* s, const int8_t* xq, const int32_t* nb,
+                            const float* xd, int64_t G, int64_t k, float* out, int64_t ostride) {
+  const int64_t W = k / 8;
+  int64_t g = 0;
+#if BLK == 4
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+#ifndef __AVX512VNNI__
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (; g + 4 <= G; g += 4) {
+    const __m512i wb = _mm512_loadu_si512((const void*)(w + g * 16));
+    const __m512i lo = _mm512_and_si512(wb, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
+    const __m128 sf = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(s + g)));
+    for (int t = 0; t < 4; t++) {
+      const int8_t* xt = xq + t * k + g * 32;
+      __m512i a = _mm512_loadu_si512((const void*)(nb + t * W + g * 4));
+#ifdef __AVX512VNNI__
+      a = _mm512_dpbusd_epi32(a, lo, _mm512_loadu_si512((const void*)xt));
+      a = _mm512_dpbusd_epi32(a, hi, _mm512_loadu_si512((const void*)(xt + 64)));
+#else
+      a = _mm512_add_epi32(a, _mm512_madd_epi16(_mm512_add_epi16(
+          _mm512_maddubs_epi16(lo, _mm512_loadu_si512((const void*)xt)),
+          _mm512_maddubs_epi16(hi, _mm512_loadu_si512((const void*)(xt + 64)))), ones));
+#endif
+      const __m128 st = _mm_mul_ps(sf, _mm_loadu_ps(xd + t * G + g));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(st)), acc[t]);
+    }
+  }
+  for (int t = 0; t < 4; t++) out[t * ostride] = _mm512_reduce_add_ps(acc[t]);
+#else
+  const uint8x16_t mask = vdupq_n_u8(15);
+  float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+  for (; g < G; g++) {
+    const uint8x16_t wb = vld1q_u8(w + g * 16);
+    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
+    const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
+    union { uint16_t u; __fp16 f; } hs;
+    hs.u = s[g];
+    const float sg = (float)hs.f;
+    for (int t = 0; t < 4; t++) {
+      const int8_t* xt = xq + t * k + g * 32;
+      int32x4_t a = vld1q_s32(nb + t * W + g * 4);
+      a = vdotq_s32(a, lo, vld1q_s8(xt));
+      a = vdotq_s32(a, hi, vld1q_s8(xt + 16));
+      acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(a), sg * xd[t * G + g]);
+    }
+  }
+  for (int t = 0; t < 4; t++) out[t * ostride] = vaddvq_f32(acc[t]);
+#endif
+  for (; g < G; g++)
+    for (int t = 0; t < 4; t++)
+      out[t * ostride] += group_dot(w + g * 16, s[g], xq + t * k + g * 32, nb + t * W + g * 4, xd[t * G + g]);
+}
+#endif
+
+/* y[t, r] for all tokens t and weight rows r0 <= r < r1: qw uint32 [n_out, k/8], sc f16 [n_out, k/32],
+ * the quantised activations of mcpm_q4_quant_act, y float32 [m, n_out].  r0/r1 are int32: TVM's
+ * parallel-loop lowering passes the task range as i32. */
+int32_t mcpm_q4_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* nbt, const DLT* xdt,
+                            DLT* yt, int32_t r0, int32_t r1) {
+  const uint32_t* qw = PTR(const uint32_t, qwt);
+  const uint16_t* sc = PTR(const uint16_t, sct);
+  const int8_t* xq = PTR(const int8_t, xqt);
+  const int32_t* nb = PTR(const int32_t, nbt);
+  const float* xd = PTR(const float, xdt);
+  float* y = PTR(float, yt);
+  const int64_t m = yt->shape[0], n_out = yt->shape[1], k = qwt->shape[1] * 8;
   const int64_t G = k / 32;
   for (int64_t r = r0; r < r1; r++) {
     const uint8_t* w = (const uint8_t*)(qw + r * (k / 8));
     const uint16_t* s = sc + r * G;
-    for (int64_t t = 0; t < m; t++)
+    int64_t t = 0;
+#ifdef HAVE_DOT4
+    for (; t + 4 <= m; t += 4)
+      row_dot4(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G, k, y + t * n_out + r, n_out);
+#endif
+    for (; t < m; t++)
       y[t * n_out + r] = row_dot(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G);
   }
   return 0;
+}
+
+/* ------------------------------------------------------------------ int8 weights (q4f16_e8 head)
+ * w = q8 * s, q8 int8 [n_out, k] in natural order, s f16 per 32-group.  Activations are quantised the
+ * same way but kept in natural order (mcpm_q8_quant_act); s8 x s8 dot products (x86: |w| x sign(x, w)
+ * through the u8 x s8 instructions; aarch64: sdot). */
+int32_t mcpm_q8_quant_act(const DLT* xt, DLT* xqt, DLT* xdt) {
+  const float* x = PTR(const float, xt);
+  int8_t* xq = PTR(int8_t, xqt);
+  float* xd = PTR(float, xdt);
+  const int64_t m = xt->shape[0], k = xt->shape[1];
+  for (int64_t i = 0; i < m * (k / 32); i++) {
+    const float* xg = x + i * 32;
+    float amax = 0.f;
+    for (int e = 0; e < 32; e++) amax = fabs_(xg[e]) > amax ? fabs_(xg[e]) : amax;
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    xd[i] = amax / 127.f;
+    for (int e = 0; e < 32; e++) xq[i * 32 + e] = round_q(xg[e] * id);
+  }
+  return 0;
+}
+
+static inline float q8_group(const int8_t* w, uint16_t s, const int8_t* x, float d) {
+  int32_t acc = 0;
+  for (int i = 0; i < 32; i++) acc += (int32_t)w[i] * x[i];
+  return h2f_fast(s) * d * (float)acc;
+}
+
+static inline float q8_row_dot(const int8_t* w, const uint16_t* s, const int8_t* xq, const float* xd, int64_t G) {
+  int64_t g = 0;
+  float r = 0.f;
+#if BLK == 4
+  __m512 acc = _mm512_setzero_ps();
+#ifndef __AVX512VNNI__
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  for (; g + 2 <= G; g += 2) {
+    const __m512i wv = _mm512_loadu_si512((const void*)(w + g * 32));
+    const __m512i xv = _mm512_loadu_si512((const void*)(xq + g * 32));
+    const __m512i aw = _mm512_abs_epi8(wv);
+    const __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+#ifdef __AVX512VNNI__
+    const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+#else
+    const __m512i a = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones);
+#endif
+    const __m512 sv = _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(h2f_fast(s[g]) * xd[g]),
+                                           _mm512_set1_ps(h2f_fast(s[g + 1]) * xd[g + 1]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, acc);
+  }
+  r = _mm512_reduce_add_ps(acc);
+#elif BLK == 2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (; g < G; g++) {
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + g * 32));
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + g * 32));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(h2f_fast(s[g]) * xd[g]), acc);
+  }
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  r = _mm_cvtss_f32(q);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+  float32x4_t acc = vdupq_n_f32(0.f);
+  for (; g < G; g++) {
+    const int8x16_t w0 = vld1q_s8(w + g * 32), w1 = vld1q_s8(w + g * 32 + 16);
+    const int8x16_t x0 = vld1q_s8(xq + g * 32), x1 = vld1q_s8(xq + g * 32 + 16);
+#ifdef __ARM_FEATURE_DOTPROD
+    const int32x4_t a = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, x0), w1, x1);
+#else
+    int32x4_t a = vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
+    a = vpadalq_s16(a, vmull_s8(vget_high_s8(w0), vget_high_s8(x0)));
+    a = vpadalq_s16(a, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
+    a = vpadalq_s16(a, vmull_s8(vget_high_s8(w1), vget_high_s8(x1)));
+#endif
+    union { uint16_t u; __fp16 f; } hs;
+    hs.u = s[g];
+    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(a), (float)hs.f * xd[g]);
+  }
+  r = vaddvq_f32(acc);
+#endif
+  for (; g < G; g++) r += q8_group(w + g * 32, s[g], xq + g * 32, xd[g]);
+  return r;
+}
+
+int32_t mcpm_q8_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* xdt, DLT* yt,
+                            int32_t r0, int32_t r1) {
+  const int8_t* qw = PTR(const int8_t, qwt);
+  const uint16_t* sc = PTR(const uint16_t, sct);
+  const int8_t* xq = PTR(const int8_t, xqt);
+  const float* xd = PTR(const float, xdt);
+  float* y = PTR(float, yt);
+  const int64_t m = yt->shape[0], n_out = yt->shape[1], k = qwt->shape[1];
+  const int64_t G = k / 32;
+  for (int64_t r = r0; r < r1; r++)
+    for (int64_t t = 0; t < m; t++)
+      y[t * n_out + r] = q8_row_dot(qw + r * k, sc + r * G, xq + t * k, xd + t * G, G);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ dynamic row scheduling
+ * The TIR wrapper zeroes a fresh counter, then every parallel task grabs chunks of `chunk` rows with an
+ * atomic add until all rows are done: a descheduled or slow thread (shared cores, big.LITTLE phones)
+ * does not hold the others up the way a static split of the rows would. */
+int32_t mcpm_counter_reset(DLT* c) {
+  __atomic_store_n(PTR(int32_t, c), 0, __ATOMIC_RELAXED);
+  return 0;
+}
+
+int32_t mcpm_q4_matmul_dyn(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* nb, const DLT* xd, DLT* y,
+                           DLT* cnt, int32_t chunk) {
+  const int32_t n_out = (int32_t)y->shape[1];
+  for (;;) {
+    const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
+    if (r0 >= n_out) return 0;
+    mcpm_q4_matmul_rows(qw, sc, xq, nb, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
+  }
+}
+
+int32_t mcpm_q8_matmul_dyn(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* xd, DLT* y, DLT* cnt,
+                           int32_t chunk) {
+  const int32_t n_out = (int32_t)y->shape[1];
+  for (;;) {
+    const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
+    if (r0 >= n_out) return 0;
+    mcpm_q8_matmul_rows(qw, sc, xq, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
+  }
 }

@@ -1,0 +1,209 @@
+"""Build the on-device runner `mcpm-run` for aarch64 Android / HarmonyOS (no glibc on the device).
+
+Output (a directory, copied as `runner/` into android/harmony bundles):
+    mcpm-run          static aarch64 launcher (launcher.c): execs the bundled loader on mcpm-run.bin
+    mcpm-run.bin      the runner (mcpm_run.cc) over tvm::ffi, dynamically linked
+    lib/              ld-linux-aarch64.so.1, libc/libm/libdl/libpthread/libstdc++/libgcc_s (from the
+                      Debian cross toolchain's sysroot) + libtvm_runtime(_extra).so, libtvm_ffi.so
+                      (from PyPI's aarch64 apache-tvm / apache-tvm-ffi wheels, never installed)
+    BUILD.json        build key, inputs and sha256 of every file
+
+Headers come from the host's tvm_ffi wheel (same version as the aarch64 one, checked). Builds are
+cached under a key hashing the sources, this file, the compiler versions, the wheels and the sysroot
+libraries, and are reproducible: fixed flags, -ffile-prefix-map, stripped, no timestamps, so the same
+inputs give byte-identical files.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from exporter.errors import ExportError
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("mcpm_run.cc", "launcher.c", "build.py")
+TRIPLE = "aarch64-linux-gnu"
+SYSROOT_LIB = Path(f"/usr/{TRIPLE}/lib")
+SYSROOT_LIBS = ("ld-linux-aarch64.so.1", "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0",
+                "libgcc_s.so.1", "libstdc++.so.6")
+TVM_VERSION, TVM_FFI_VERSION = "0.27.0.post1", "0.1.14.post0"
+WHEELS = {  # file name -> sha256, as published on PyPI
+    f"apache_tvm-{TVM_VERSION}-py3-none-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl":
+        "4acfdb7653e4e1ba7a707bdf2833db72eb8fda7d04d99141f2a4e1da43171fb7",
+    f"apache_tvm_ffi-{TVM_FFI_VERSION}-cp311-cp311-manylinux_2_24_aarch64.manylinux_2_28_aarch64.whl":
+        "d1a011a0743acb88ffc650c70bfb1376fa90cb7196b042598c6d0c1e690ce185",
+}
+WHEEL_LIBS = ("tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_runtime_extra.so", "tvm_ffi/lib/libtvm_ffi.so")
+CXXFLAGS = ["-std=c++17", "-O2", "-g0", "-s", "-fno-ident", "-Wl,--build-id=sha1", "-Wl,--hash-style=gnu"]
+CFLAGS = ["-O2", "-g0", "-s", "-static", "-fno-ident", "-Wl,--build-id=sha1"]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MCPM_EXPORT_CACHE") or os.path.join(Path.home(), ".cache", "mcpm-export")
+    return Path(base) / "runner"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise ExportError(f"cross compiler {name} not found on PATH: install Debian's g++-{TRIPLE}")
+    return path
+
+
+def _version(tool: str) -> str:
+    return subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+
+def _ffi_include() -> Path:
+    import tvm_ffi
+
+    if tvm_ffi.__version__ != TVM_FFI_VERSION:
+        raise ExportError(f"host tvm_ffi is {tvm_ffi.__version__}, the runner needs {TVM_FFI_VERSION} "
+                          "(its headers must match the aarch64 libtvm_ffi.so)")
+    inc = Path(tvm_ffi.__file__).resolve().parent / "include"
+    if not (inc / "tvm" / "ffi" / "function.h").is_file():
+        raise ExportError(f"tvm_ffi headers not found under {inc}")
+    return inc
+
+
+def fetch_wheels(wheel_dir: Path, say=print) -> list[Path]:
+    """The aarch64 TVM wheels in wheel_dir (downloaded with pip when missing), checked by sha256."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    paths = [wheel_dir / name for name in WHEELS]
+    if not all(p.is_file() for p in paths):
+        say("downloading the aarch64 apache-tvm / apache-tvm-ffi wheels from PyPI")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", str(wheel_dir),
+               f"apache-tvm=={TVM_VERSION}", f"apache-tvm-ffi=={TVM_FFI_VERSION}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            raise ExportError(f"pip download of the aarch64 TVM wheels failed: {last}")
+    for p in paths:
+        if not p.is_file():
+            raise ExportError(f"expected wheel {p.name} in {wheel_dir}; pip fetched something else")
+        if _sha256(p) != WHEELS[p.name]:
+            raise ExportError(f"{p}: sha256 mismatch with the pinned PyPI wheel")
+    return paths
+
+
+def build_key(wheels: list[Path]) -> tuple[str, dict]:
+    """Hash of every input of the build, and the inputs themselves (written to BUILD.json)."""
+    inc = _ffi_include()
+    inputs = {
+        "sources": {n: _sha256(HERE / n) for n in SOURCES},
+        "compilers": {t: _version(_tool(t)) for t in (f"{TRIPLE}-g++", f"{TRIPLE}-gcc")},
+        "wheels": {p.name: WHEELS[p.name] for p in wheels},
+        "sysroot": {n: _sha256(SYSROOT_LIB / n) for n in SYSROOT_LIBS},
+        "tvm_ffi_headers": hashlib.sha256(b"".join(
+            f"{p.relative_to(inc)}:{_sha256(p)}\n".encode() for p in sorted(inc.rglob("*.h")))).hexdigest(),
+        "cxxflags": CXXFLAGS, "cflags": CFLAGS,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return key, inputs
+
+
+def _compile(out: Path, work: Path, key: str, wheels: list[Path]) -> None:
+    libdir = out / "lib"
+    libdir.mkdir(parents=True)
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            for member in WHEEL_LIBS:
+                if member in z.namelist():
+                    (libdir / Path(member).name).write_bytes(z.read(member))
+    for name in SYSROOT_LIBS:
+        shutil.copyfile(SYSROOT_LIB / name, libdir / name)  # follows symlinks
+    missing = [n for n in map(lambda m: Path(m).name, WHEEL_LIBS) if not (libdir / n).is_file()]
+    if missing:
+        raise ExportError(f"aarch64 wheels lack {', '.join(missing)}")
+    inc = _ffi_include()
+    # build from a copy in `work` so no checkout path can leak into the output
+    src = work / "src"
+    src.mkdir()
+    for n in ("mcpm_run.cc", "launcher.c"):
+        shutil.copyfile(HERE / n, src / n)
+    maps = [f"-ffile-prefix-map={src}=runner", f"-ffile-prefix-map={inc}=tvm_ffi/include"]
+    steps = {
+        "mcpm_run.cc": [_tool(f"{TRIPLE}-g++"), *CXXFLAGS, *maps, f"-DMCPM_RUN_BUILD_ID=\"{key[:12]}\"",
+                        f"-I{inc}", str(src / "mcpm_run.cc"), "-o", str(out / "mcpm-run.bin"),
+                        f"-L{libdir}", "-ltvm_runtime", "-ltvm_ffi"],
+        "launcher.c": [_tool(f"{TRIPLE}-gcc"), *CFLAGS, *maps, str(src / "launcher.c"), "-o", str(out / "mcpm-run")],
+    }
+    env = dict(os.environ, LC_ALL="C", SOURCE_DATE_EPOCH="0")
+    for name, cmd in steps.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+        if proc.returncode < 0:  # killed by a signal from outside (shared build machine): retry once
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+        if proc.returncode != 0:
+            lines = [x for x in proc.stderr.splitlines() if "error" in x] or proc.stderr.splitlines()
+            raise ExportError(f"compiling runner/{name} failed: "
+                              f"{lines[0] if lines else f'exit status {proc.returncode}'}")
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            p.chmod(0o755 if p.name.startswith("mcpm-run") or p.name.startswith("ld-") else 0o644)
+
+
+def build_runner(cache_dir: Path | None = None, force: bool = False, say=None) -> Path:
+    """Build (or reuse) the runner; returns its directory (see the module docstring)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    standalone = say is None  # inside an export's progress stage there is already a live display
+    say = say or (lambda msg: console.print(f"runner: {msg}"))
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    wheels = fetch_wheels(cache_dir / "wheels", say)
+    key, inputs = build_key(wheels)
+    final = cache_dir / f"mcpm-run-{key[:16]}"
+    if (final / "BUILD.json").is_file() and not force:
+        say(f"cached build {final}")
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    say("cross-compiling mcpm-run for aarch64")
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp, \
+            (console.status("runner: cross-compiling") if standalone else contextlib.nullcontext()):
+        work = Path(tmp)
+        out = work / "out"
+        _compile(out, work, key, wheels)
+        files = {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+        info = {"runner_version": f"0.1.0+{key[:12]}", "build_key": key, "inputs": inputs, "files": files}
+        (out / "BUILD.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        if final.exists():  # --force, or a concurrent build won: move it aside (deleted with tmp)
+            os.replace(final, work / "old")
+        os.replace(out, final)
+    say(f"built {final}")
+    return final
+
+
+def copy_runner(built: Path, dest: Path) -> None:
+    """Replace dest with a copy of a built runner directory (modes kept, times not)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(built, dest, copy_function=shutil.copyfile)
+    for p in dest.rglob("*"):
+        if p.is_file():
+            p.chmod((built / p.relative_to(dest)).stat().st_mode & 0o777)
+
+
+def install_runner(bundle_dir: Path, cache_dir: Path | None = None, say=None) -> dict:
+    """Copy the (cached) runner into bundle_dir/runner/; returns manifest keys describing it."""
+    built = build_runner(cache_dir, say=say)
+    copy_runner(built, Path(bundle_dir) / "runner")
+    info = json.loads((built / "BUILD.json").read_text())
+    return {"runner": {"path": "runner/mcpm-run", "version": info["runner_version"], "abi": "arm64-v8a",
+                       "build_key": info["build_key"]}}

@@ -1,0 +1,152 @@
+"""iOS (Core ML) target, fast tier: the Core ML-friendly forward, the NumPy MIL interpreter on a small
+converted program, the GPTQ pre-pass, and every refusal (vision, old iOS, bad checkpoint)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exporter import api
+from exporter.errors import ExportError
+from exporter.recipes import get_recipe
+from targets.coreml.prequant import QMAX, gptq_weight
+from targets.coreml.target import IOS, parse_deployment_target
+from targets.coreml.wrapper import CoreMLMiniCPM
+
+i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+
+
+@torch.no_grad()
+def test_coreml_forward_equals_reference(tiny):
+    """Chunked prefill (last chunk padded, read at last_index) + decode through the fixed-size cache
+    buffers gives the reference model's logits (float32 both sides: |diff| < 1e-4, logits ~ 20)."""
+    ref = tiny.model
+    model = CoreMLMiniCPM(ref, context=256).eval()
+    ids = torch.randint(0, ref.cfg.vocab_size, (1, 108), generator=torch.Generator().manual_seed(3))
+    full = ref(ids)                                                   # [1, 108, vocab]
+    first = model(ids[:, :64].int(), i32(0), i32(63))                 # chunk 1: 64 real tokens
+    padded = torch.zeros(1, 64, dtype=torch.int32)
+    padded[0, :36] = ids[0, 64:100]
+    second = model(padded, i32(64), i32(35))                          # chunk 2: 36 real + 28 pad
+    assert (first[0, 0] - full[0, 63]).abs().max() < 1e-4
+    assert (second[0, 0] - full[0, 99]).abs().max() < 1e-4
+    for pos in range(100, 108):                                       # decode overwrites the padding
+        step = model(ids[:, pos:pos + 1].int(), i32(pos))
+        assert (step[0, 0] - full[0, pos]).abs().max() < 1e-4, pos
+    assert full[0, 99].abs().max() > 1.0                              # the comparison is not vacuous
+
+
+def test_mil_interpreter_runs_a_converted_stateful_program(tmp_path):
+    """Convert a two-layer stateful toy with coremltools, save, load back, execute with the interpreter:
+    outputs and the state written in place match PyTorch (float16 activations: 2e-2)."""
+    import coremltools as ct
+    from targets.coreml.convert import quiet
+    from targets.coreml.mil_interp import Interpreter
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(50, 16)
+            self.lin = torch.nn.Linear(16, 16, bias=False)
+            self.register_buffer("cache", torch.zeros(1, 8, 16))
+
+        def forward(self, ids, start):
+            s = start.item()
+            torch._check(s >= 0)
+            torch._check(s + ids.shape[1] <= 8)
+            h = torch.nn.functional.silu(self.lin(self.emb(ids) * 2.0))
+            self.cache[:, s:s + ids.shape[1]] = h
+            return torch.softmax(h @ self.cache[0].T, -1) @ self.cache[0]
+
+    toy = Toy().eval()
+    with torch.no_grad(), quiet():
+        prog = torch.export.export(toy, (torch.zeros(1, 2, dtype=torch.int32), i32(0))).run_decompositions({})
+        ml = ct.convert(prog, inputs=[ct.TensorType(name="ids", shape=(1, 2), dtype=np.int32),
+                                      ct.TensorType(name="start", shape=(1,), dtype=np.int32)],
+                        states=[ct.StateType(wrapped_type=ct.TensorType(shape=(1, 8, 16), dtype=np.float16),
+                                             name="cache")],
+                        outputs=[ct.TensorType(name="out", dtype=np.float16)],
+                        minimum_deployment_target=ct.target.iOS18)
+    ml.save(str(tmp_path / "toy.mlpackage"))
+    interp = Interpreter.from_package(tmp_path / "toy.mlpackage")
+    state = {"cache": np.zeros((1, 8, 16), np.float16)}
+    toy.cache.zero_()
+    for start, ids in ((0, [[3, 7]]), (2, [[11, 49]]), (4, [[0, 5]])):
+        got = interp.run("main", {"ids": np.array(ids), "start": np.array([start])}, state)["out"]
+        with torch.no_grad():
+            want = toy(torch.tensor(ids, dtype=torch.int32), i32(start)).numpy()
+        np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2)
+    np.testing.assert_allclose(state["cache"].astype(np.float32), toy.cache.numpy(), atol=2e-2)
+    assert np.abs(state["cache"][0, 6:]).max() == 0                    # untouched slots stay zero
+    with pytest.raises(ExportError, match="input 'start' not provided"):
+        interp.run("main", {"ids": np.array([[1, 2]])}, state)
+    with pytest.raises(ExportError, match=r"input 'ids' has shape \(1, 3\), expected \(1, 2\)"):
+        interp.run("main", {"ids": np.array([[1, 2, 3]]), "start": np.array([0])}, state)
+
+
+def coreml_rtn(w):
+    """What linear_quantize_weights(linear_symmetric, int4, per_block 32) makes of w (float16 scale)."""
+    blocks = w.reshape(w.shape[0], -1, 32).half().float()
+    s = (blocks.abs().amax(-1, keepdim=True) / QMAX).half().float()
+    return ((blocks / s).round().clamp(-QMAX, QMAX) * s).reshape(w.shape)
+
+
+def test_gptq_prequant_survives_coreml_rounding_and_beats_it():
+    """Weights from gptq_weight are a fixed point of Core ML's quantizer (almost every block), and
+    their layer-output error on correlated inputs is well below Core ML's plain rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 128, generator=g) @ (torch.randn(128, 128, generator=g) * 0.3 + torch.eye(128))
+    w = torch.randn(64, 128, generator=g) * (torch.rand(64, 128, generator=g) + 0.2)
+    q = gptq_weight(w, x.T @ x)
+    again = coreml_rtn(q)
+    exact_blocks = ((again - q).abs().reshape(64, 4, 32).amax(-1) < 1e-3).float().mean()
+    assert exact_blocks > 0.9          # measured 0.96
+    out_err = lambda v: ((v - w) @ x.T).pow(2).mean()  # noqa: E731
+    assert out_err(again) < 0.6 * out_err(coreml_rtn(w))
+
+
+@pytest.mark.parametrize("text,major", [("iOS18", 18), ("ios18", 18), ("18", 18), ("iOS26", 26)])
+def test_deployment_target_parsing(text, major):
+    assert parse_deployment_target(text) == major
+
+
+def test_refuses_old_deployment_target_with_int4():
+    with pytest.raises(ExportError, match=r"iOS17 is too old: int4 weights .* need iOS 18 or newer"):
+        IOS.check_options(get_recipe("tiny"), {"deployment_target": "iOS17"})
+    with pytest.raises(ExportError, match="expected the form iOS18"):
+        IOS.check_options(get_recipe("tiny"), {"deployment_target": "android"})
+
+
+def test_refuses_vision_recipe():
+    with pytest.raises(ExportError, match="vision model; the iOS target is text only"):
+        IOS.check_options(get_recipe("v-int4"), {"deployment_target": "iOS18"})
+    with pytest.raises(ExportError, match="iOS is text only"):
+        api.export("ios", "v2-int4")
+
+
+def test_cli_refusals_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "bundle"
+    res = subprocess.run([sys.executable, "-m", "exporter.cli", "ios", "--out", str(out),
+                          "--deployment-target", "iOS16"], capture_output=True, text=True)
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "iOS16 is too old" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_absent_checkpoint(tmp_path):
+    with pytest.raises(ExportError, match=r"--checkpoint .*nowhere: no such directory"):
+        api.export("ios", "tiny", checkpoint=tmp_path / "nowhere", out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupt_checkpoint(tiny_copy, tmp_path):
+    shard = tiny_copy / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(ExportError, match=r"model-00002-of-00002.safetensors: truncated or corrupt"):
+        api.export("ios", "tiny", checkpoint=tiny_copy, out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    assert not list(tmp_path.glob(".b.partial-*"))

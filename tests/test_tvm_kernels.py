@@ -1,0 +1,236 @@
+"""Fused int4 kernels (targets/tvm/kernels.py): numbers against numpy, structure, aarch64 under qemu.
+
+Tolerances. The kernels round activations to int8 per group of 32 (like llama.cpp's Q8_0), so:
+  * against a numpy emulation of exactly that (int8 activations, integer dot, fp32 scales) the relative
+    L2 error must be < 1e-4 (only fp32 summation order differs);
+  * against numpy fp32 dequantize + matmul it must be < 1.5e-2 (measured ~5.5e-3) and, per output,
+    within 3% of the output's largest magnitude.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.support import cc
+
+from exporter.quant import quantize_weight, unpack_int4, unpack_int8
+from targets.tvm import kernels
+from targets.tvm.model import Q4, Q8, QWeight
+
+# (out, in): out not a multiple of the 16-row task; in/32 = 7, 33 groups leave SIMD tails (blocks of 4/2)
+SHAPES = [(100, 224), (37, 1056), (300, 2304)]
+CACHE = kernels.CACHE.parent
+
+
+class Linear(nn.Module):
+    def __init__(self, n_out: int, n_in: int, kind: str = Q4):
+        self.w = QWeight(n_out, n_in, kind)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.w(x)
+
+
+def linear_ir(n_out: int, n_in: int, kind: str = Q4) -> tvm.IRModule:
+    mod, _ = Linear(n_out, n_in, kind).export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "n", n_in], "float32")}})
+    return mod
+
+
+def weights(n_out: int, n_in: int, seed: int = 0, bits: int = 4):
+    w = np.random.default_rng(seed).standard_normal((n_out, n_in)).astype(np.float32) * 0.05
+    return quantize_weight(torch.from_numpy(w), bits, search=False)
+
+
+def quantize_act(x: np.ndarray):
+    """The kernels' activation rounding: int8 per 32-group, round half away from zero."""
+    m, k = x.shape
+    xg = x.reshape(m, k // 32, 32)
+    amax = np.abs(xg).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    v = xg * inv
+    xq = np.clip(np.trunc(v + np.copysign(np.float32(0.5), v)), -127, 127)
+    return xq.astype(np.float64), (amax / np.float32(127))[..., 0].astype(np.float64)      # [m,G,32], [m,G]
+
+
+def emulate(x: np.ndarray, qw: np.ndarray, sc: np.ndarray) -> np.ndarray:
+    """numpy model of the kernel maths: int8 activations per 32-group, exact integer dot products."""
+    m, k = x.shape
+    xq, d = quantize_act(x)
+    ones = np.ones_like(sc)
+    q = (unpack_int4(qw, ones) if qw.dtype == np.uint32 else unpack_int8(qw, ones)).astype(np.float64)
+    dots = np.einsum("mgk,ogk->mog", xq, q.reshape(qw.shape[0], k // 32, 32))   # [m, out, G] exact integers
+    return np.einsum("mog,og,mg->mo", dots, sc.astype(np.float64), d).astype(np.float32)
+
+
+def check(y: np.ndarray, x: np.ndarray, qw: np.ndarray, sc: np.ndarray) -> None:
+    ref = x @ (unpack_int4(qw, sc) if qw.dtype == np.uint32 else unpack_int8(qw, sc)).T
+    emu = emulate(x, qw, sc)
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+    assert rel(y, emu) < 1e-4, f"kernel vs its int8 emulation: rel err {rel(y, emu):.2e}"
+    assert rel(y, ref) < 1.5e-2, f"kernel vs fp32 dequant+matmul: rel err {rel(y, ref):.2e}"
+    assert np.all(np.abs(y - ref) <= 0.03 * np.abs(ref).max(axis=1, keepdims=True))
+
+
+def build_host(mod: tvm.IRModule, target: tvm.target.Target, path: Path) -> relax.VirtualMachine:
+    ex = tvm.compile(kernels.optimize_for_cpu(mod, target), target)
+    ex.export_library(str(path))
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+
+
+# x86 ISA paths this machine can run: portable C, AVX2, AVX-512BW, and the host CPU (AVX-512 VNNI here)
+HOST_ISAS = ["x86-64", pytest.param("haswell", marks=pytest.mark.slow),
+             pytest.param("skylake-avx512", marks=pytest.mark.slow), "host"]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 ISA variants need an x86_64 host")
+@pytest.mark.parametrize("mcpu", HOST_ISAS)
+def test_fused_matches_numpy_host(tmp_path, mcpu):
+    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    isa = kernels.isa_of(target)
+    if mcpu != "host":
+        assert isa == {"x86-64": "portable-c", "haswell": "avx2", "skylake-avx512": "avx512bw"}[mcpu]
+    if not tvm.get_global_func("target.llvm_cpu_has_feature")("avx2", kernels.host_target()) and isa != "portable-c":
+        pytest.skip(f"host cannot run {isa}")
+    cases = [(Q4, 4, *shape) for shape in SHAPES] + [(Q8, 8, 37, 1056)]
+    for i, (kind, bits, n_out, n_in) in enumerate(cases):
+        vm = build_host(linear_ir(n_out, n_in, kind), target, tmp_path / f"lin{i}.so")
+        qw, sc = weights(n_out, n_in, seed=i, bits=bits)
+        for n in (1, 5):   # decode GEMV and prefill GEMM
+            x = np.random.default_rng(10 + n).standard_normal((1, n, n_in)).astype(np.float32)
+            y = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(sc)).numpy()
+            assert y.shape == (1, n, n_out)
+            check(y[0], x[0], qw, sc)
+
+
+# ---------------------------------------------------------------- structure: the dequantize is fused
+_BUF = re.compile(r'(?:Buffer|alloc_buffer|match_buffer)\((?:[^()]*?,\s*)?\(((?:T\.int64\(\d+\)|\d+)'
+                  r'(?:,\s*(?:T\.int64\(\d+\)|\d+))*),?\)(?:,\s*"(\w+)")?')
+_DIM = re.compile(r"T\.int64\((\d+)\)|(\d+)")
+
+
+def float_buffers_at_least(mod: tvm.IRModule, elems: int) -> list[str]:
+    """Static-shape float buffers (TIR params, allocations) of >= elems elements, from the IR text."""
+    found = []
+    for match in _BUF.finditer(mod.script()):
+        dims = [int(a or b) for a, b in _DIM.findall(match.group(1))]
+        dtype = match.group(2) or "float32"
+        if dtype.startswith("float") and int(np.prod(dims)) >= elems:
+            found.append(match.group(0))
+    return found
+
+
+def lowered(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        seq = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                                        relax.transform.DeadCodeElimination()])
+        return seq(mod)
+
+
+def test_no_fp32_weight_is_materialised():
+    n_out, n_in = 300, 2304
+    target = kernels.host_target()
+    before = float_buffers_at_least(lowered(linear_ir(n_out, n_in), target), n_out * n_in)
+    assert before, "control: the unfused module should hold a float [out, in] weight buffer"
+    mod = kernels.optimize_for_cpu(linear_ir(n_out, n_in), target)
+    assert float_buffers_at_least(lowered(mod, target), n_out * n_in) == []
+    assert "dequantize" not in [gv.name_hint for gv in mod.functions.keys()]
+    assert "external_mods" in mod.attrs and len(mod.attrs["external_mods"]) == 1
+
+
+@pytest.mark.parametrize("scheme", ["q4f16", "q4f16_e8"])
+def test_every_quantized_linear_of_the_model_is_fused(scheme):
+    from exporter.config import MiniCPMConfig
+    from targets.tvm import pipeline
+
+    cfg = MiniCPMConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                        intermediate_size=640, vocab_size=1024, scale_emb=12, dim_model_base=64,
+                        scale_depth=1.4, max_position_embeddings=512)
+    target = kernels.host_target()
+    mod, _ = pipeline.export_ir(cfg, scheme, target)
+    out, n = kernels.fuse_q4_matmul(mod)
+    # per layer wqkv, wo, w13, w2, in prefill and decode; plus the tied head (int4 or int8) in both
+    assert n == 2 * (4 * cfg.num_hidden_layers + 1)
+    names = [gv.name_hint for gv in out.functions.keys()]
+    assert not any(s.startswith("dequantize") for s in names), names
+    assert float_buffers_at_least(lowered(out, target), 256 * 256) == []
+
+
+def test_system_lib_build_links_the_microkernels(tmp_path):
+    """Android bundles are system libraries with a symbol prefix: the kernels must build and be inside."""
+    target = kernels.host_target()
+    mod = kernels.optimize_for_cpu(linear_ir(100, 224), target).with_attr("system_lib_prefix", "mcpm_kerneltest_")
+    relax.build(mod, target, system_lib=True).export_library(str(tmp_path / "lib.tar"))
+    with tarfile.open(tmp_path / "lib.tar") as tar:
+        tar.extractall(tmp_path / "objs")
+    defined = subprocess.run(["nm", "--defined-only", *map(str, (tmp_path / "objs").glob("*.o"))],
+                             capture_output=True, text=True, check=True).stdout
+    assert " T mcpm_q4_matmul_rows" in defined and " T mcpm_q4_quant_act" in defined
+
+
+# ---------------------------------------------------------------- aarch64 under qemu
+A64_ROOT = CACHE / "tvm_aarch64" / "root"
+
+
+def aarch64_runtime() -> Path:
+    """The aarch64 TVM runtime from the PyPI wheels, unpacked privately (never installed)."""
+    if (A64_ROOT / "tvm" / "lib" / "libtvm_runtime.so").exists():
+        return A64_ROOT
+    whl = CACHE / "tvm_aarch64" / "whl"
+    for spec in ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"):
+        subprocess.run(["pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+                        "--platform", "manylinux_2_28_aarch64", "-d", str(whl), spec], check=True,
+                       capture_output=True)
+    A64_ROOT.mkdir(parents=True, exist_ok=True)
+    for w in whl.glob("*.whl"):
+        subprocess.run(["unzip", "-qo", str(w), "tvm_ffi/*", "tvm/lib/*", "-d", str(A64_ROOT)], check=False)
+    return A64_ROOT
+
+
+def aarch64_driver(root: Path) -> Path:
+    src = Path(__file__).parent / "support" / "q4_driver.cc"
+    exe = CACHE / "tvm_aarch64" / "q4_driver"
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        inc = root / "tvm_ffi" / "include"
+        subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O1", f"-I{inc}", f"-I{inc / 'dlpack'}", str(src),
+                        "-o", str(exe), f"-L{root / 'tvm_ffi' / 'lib'}", f"-L{root / 'tvm' / 'lib'}",
+                        "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime"], check=True)
+    return exe
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-g++")),
+                    reason="needs qemu-aarch64-static and aarch64-linux-gnu-g++")
+@pytest.mark.parametrize("mattr", [["+neon"], ["+neon", "+dotprod"]], ids=["neon", "dotprod"])
+def test_fused_matches_numpy_aarch64_qemu(tmp_path, mattr):
+    root = aarch64_runtime()
+    driver = aarch64_driver(root)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
+    assert kernels.isa_of(target) == ("neon-dotprod" if "+dotprod" in mattr else "neon")
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{root / 'tvm_ffi' / 'lib'}:{root / 'tvm' / 'lib'}",
+           "TVM_NUM_THREADS": "2"}
+    for i, (kind, bits, n_out, n_in) in enumerate([(Q4, 4, *SHAPES[0]), (Q4, 4, *SHAPES[1]), (Q8, 8, 37, 1056)]):
+        lib = tmp_path / f"a64_{i}.so"
+        ex = tvm.compile(kernels.optimize_for_cpu(linear_ir(n_out, n_in, kind), target), target)
+        ex.export_library(str(lib), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+        qw, sc = weights(n_out, n_in, seed=i, bits=bits)
+        for n in (1, 5):
+            x = np.random.default_rng(10 + n).standard_normal((1, n, n_in)).astype(np.float32)
+            files = [tmp_path / f for f in ("x.bin", "qw.bin", "sc.bin", "y.bin")]
+            for arr, f in zip((x, qw, sc), files):
+                arr.tofile(f)
+            proc = subprocess.run(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(driver), str(lib),
+                                   f"q{bits}", str(n), str(n_in), str(n_out), *map(str, files)], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            check(np.fromfile(files[3], dtype=np.float32).reshape(n, n_out), x[0], qw, sc)

@@ -1,0 +1,117 @@
+"""The TVM model definition (targets/tvm/model.py) against the PyTorch reference (exporter/model.py).
+
+Host (x86_64 LLVM) builds of the plain pipeline (no fused int4 kernels: those have their own tests), so
+the two definitions must agree to fp32 rounding: logits within LOGIT_ATOL (logits are O(10)) and
+identical greedy tokens, with chunked prefill through TVM's paged KV cache.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.checkpoint import open_checkpoint
+from exporter.config import MiniCPMConfig
+from exporter.errors import ExportError
+from exporter.model import MiniCPM
+from exporter.quant import quantize_state_dict
+from exporter.tokenizer import Tokenizer
+from targets.tvm import pipeline
+from targets.tvm.params import read_tensor_cache, tvm_params, write_tensor_cache
+from targets.tvm.runner import TVMModel
+from targets.tvm.target import VERIFY_PROMPT
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "tinycpm-docs"
+LOGIT_ATOL = 1e-3
+CONTEXT, CHUNK = 512, 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ck = open_checkpoint(TINY)
+    cfg = MiniCPMConfig.from_hf(ck.raw_config)
+    tok = Tokenizer(ck.tokenizer_path)
+    return cfg, ck.text_tensors(cfg), tok.encode(VERIFY_PROMPT)
+
+
+def _build(cfg, scheme, source):
+    target = pipeline.make_target("cpu", pipeline.HOST_TARGET)
+    mod, specs = pipeline.export_ir(cfg, scheme, target, {"test": True})
+    ex = pipeline.compile_ir(mod, target, use_kernels=False)
+    return mod, TVMModel(ex, [a for _, a in tvm_params(specs, source)], CONTEXT, CHUNK), specs
+
+
+@pytest.fixture(scope="module", params=[None, "q4f16_e8", "q4f16"], ids=["fp32", "q4f16_e8", "q4f16"])
+def built(request, tiny):
+    cfg, state, _ = tiny
+    if request.param is None:
+        source, ref_state = state, state
+    else:
+        qm = quantize_state_dict(state, request.param, search=False)
+        source, ref_state = qm, qm.dequantized()
+    mod, model, specs = _build(cfg, request.param, source)
+    return request.param, mod, model, MiniCPM.from_state_dict(cfg, ref_state), specs, source
+
+
+def test_greedy_tokens_and_logits_match_reference(built, tiny):
+    scheme, _, model, ref, _, _ = built
+    prompt = tiny[2]
+    assert len(prompt) > CHUNK            # two prefill chunks through the paged KV cache
+    n = {None: 24, "q4f16_e8": 32, "q4f16": 16}[scheme]   # 64-token greedy: tests/test_tvm_export.py
+    got = model.generate(prompt, n)
+    with torch.no_grad():
+        want, ref_logits = ref.generate(prompt, n, prefill_chunk=CHUNK)
+    assert got.tokens == want
+    diff = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got.logits, ref_logits))
+    assert diff < LOGIT_ATOL, f"{scheme}: max |logit diff| {diff}"
+
+
+def test_prefill_chunking_does_not_change_logits(built, tiny):
+    _, _, model, ref, _, _ = built
+    prompt = tiny[2]
+    whole = model.forward_chunks(model.new_cache(), prompt)          # chunks of 64
+    model.prefill_chunk = 17
+    try:
+        small = model.forward_chunks(model.new_cache(), prompt)      # chunks of 17
+    finally:
+        model.prefill_chunk = CHUNK
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt]), last_only=True)[0, -1].numpy()
+    np.testing.assert_allclose(small, whole, atol=LOGIT_ATOL)
+    np.testing.assert_allclose(whole, want, atol=LOGIT_ATOL)
+
+
+def test_module_has_documented_functions_and_dequantize_pattern(built):
+    scheme, mod, *_ = built
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert {"embed", "prefill", "decode", "create_tir_paged_kv_cache", "_metadata"} <= names
+    if scheme == "q4f16_e8":
+        text = mod["decode"].script()
+        # the pattern kernels.py matches: call_tir(dequantize, (q_weight, q_scale)) -> permute_dims -> matmul
+        assert "R.call_tir(dequantize," in text and "R.permute_dims" in text and "R.matmul" in text
+        assert "dequantize" in names and "dequantize_q8" in names
+
+
+def test_tensor_cache_roundtrip_with_tvms_reader(built, tmp_path):
+    from tvm.contrib.tvmjs import load_tensor_cache
+
+    _, _, _, _, specs, source = built
+    named = tvm_params(specs, source)
+    write_tensor_cache(named, tmp_path)
+    loaded, _ = load_tensor_cache(str(tmp_path), __import__("tvm").cpu())
+    assert list(loaded) == [n for n, _ in named]
+    for (name, arr), (name2, arr2) in zip(named, read_tensor_cache(tmp_path)):
+        assert name == name2
+        np.testing.assert_array_equal(loaded[name].numpy(), arr)
+        np.testing.assert_array_equal(arr2, arr)
+
+
+def test_params_reject_wrong_shape(tiny):
+    cfg, state, _ = tiny
+    target = pipeline.make_target("cpu", pipeline.HOST_TARGET)
+    _, specs = pipeline.export_ir(cfg, None, target)
+    bad = dict(state)
+    bad["layers.3.feed_forward.w2.weight"] = bad["layers.3.feed_forward.w2.weight"][:, :320]
+    with pytest.raises(ExportError, match="layers.3.feed_forward.w2.weight"):
+        tvm_params(specs, bad)
