@@ -7,7 +7,6 @@ wrong ABI) becomes that handset's error; the other handsets' results are kept an
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -23,6 +22,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from device_tests.adb import Adb, HandsetError
 from device_tests.facts import bundle_abi, parse_facts, parse_thermals, FACTS_COMMAND, THERMAL_COMMAND
+from exporter.bundle import sha256_file
 from exporter.errors import ExportError
 
 REMOTE_BASE = "/data/local/tmp/mcpm"
@@ -99,16 +99,8 @@ def inspect_bundle(bundle: Path) -> dict:
     for p in sorted(bundle.rglob("*")):
         rel = p.relative_to(bundle).as_posix()
         if p.is_file() and not rel.startswith(skip):
-            files[rel] = _sha256(p)
+            files[rel] = sha256_file(p)
     return {"path": bundle, "name": bundle.name, "manifest": manifest, "files": files, "abi": bundle_abi(runner)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def select_serials(adb: Adb, serials: list[str] | None, all_devices: bool) -> list[str]:

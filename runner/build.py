@@ -26,6 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from exporter.bundle import sha256_file
 from exporter.errors import ExportError
 
 HERE = Path(__file__).resolve().parent
@@ -49,14 +50,6 @@ CFLAGS = ["-O2", "-g0", "-s", "-static", "-fno-ident", "-Wl,--build-id=sha1"]
 def default_cache_dir() -> Path:
     base = os.environ.get("MCPM_EXPORT_CACHE") or os.path.join(Path.home(), ".cache", "mcpm-export")
     return Path(base) / "runner"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tool(name: str) -> str:
@@ -98,7 +91,7 @@ def fetch_wheels(wheel_dir: Path, say=print) -> list[Path]:
     for p in paths:
         if not p.is_file():
             raise ExportError(f"expected wheel {p.name} in {wheel_dir}; pip fetched something else")
-        if _sha256(p) != WHEELS[p.name]:
+        if sha256_file(p) != WHEELS[p.name]:
             raise ExportError(f"{p}: sha256 mismatch with the pinned PyPI wheel")
     return paths
 
@@ -107,12 +100,12 @@ def build_key(wheels: list[Path]) -> tuple[str, dict]:
     """Hash of every input of the build, and the inputs themselves (written to BUILD.json)."""
     inc = _ffi_include()
     inputs = {
-        "sources": {n: _sha256(HERE / n) for n in SOURCES},
+        "sources": {n: sha256_file(HERE / n) for n in SOURCES},
         "compilers": {t: _version(_tool(t)) for t in (f"{TRIPLE}-g++", f"{TRIPLE}-gcc")},
         "wheels": {p.name: WHEELS[p.name] for p in wheels},
-        "sysroot": {n: _sha256(SYSROOT_LIB / n) for n in SYSROOT_LIBS},
+        "sysroot": {n: sha256_file(SYSROOT_LIB / n) for n in SYSROOT_LIBS},
         "tvm_ffi_headers": hashlib.sha256(b"".join(
-            f"{p.relative_to(inc)}:{_sha256(p)}\n".encode() for p in sorted(inc.rglob("*.h")))).hexdigest(),
+            f"{p.relative_to(inc)}:{sha256_file(p)}\n".encode() for p in sorted(inc.rglob("*.h")))).hexdigest(),
         "cxxflags": CXXFLAGS, "cflags": CFLAGS,
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -180,7 +173,7 @@ def build_runner(cache_dir: Path | None = None, force: bool = False, say=None) -
         work = Path(tmp)
         out = work / "out"
         _compile(out, work, key, wheels)
-        files = {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+        files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
         info = {"runner_version": f"0.1.0+{key[:12]}", "build_key": key, "inputs": inputs, "files": files}
         (out / "BUILD.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         if final.exists():  # --force, or a concurrent build won: move it aside (deleted with tmp)
