@@ -22,7 +22,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from device_tests.adb import Adb, HandsetError
 from device_tests.facts import bundle_abi, parse_facts, parse_thermals, FACTS_COMMAND, THERMAL_COMMAND
-from exporter.bundle import sha256_file
+from exporter.bundle import check_files, sha256_file
 from exporter.errors import ExportError
 
 REMOTE_BASE = "/data/local/tmp/mcpm"
@@ -90,6 +90,10 @@ def inspect_bundle(bundle: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{manifest_path}: invalid JSON ({e})") from None
+    problems = check_files(bundle, manifest)   # a tampered or truncated bundle is never pushed
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(f"bundle does not verify against its manifest: {problems[0]}{more}")
     runner = bundle / RUNNER
     if not runner.is_file():
         raise ExportError(f"bundle {bundle} has no {RUNNER}: build the runner (runner/) into the bundle first")

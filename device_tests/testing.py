@@ -20,6 +20,7 @@ import pytest
 
 from device_tests.adb import Adb
 from device_tests.fake_handset import FakeHandset
+from exporter.bundle import file_table
 
 FIXTURE_SRC = Path(__file__).parent / "fixtures" / "fake_runner.cpp"
 
@@ -92,6 +93,12 @@ def fixture_runner(tmp_path_factory) -> Path:
     return out
 
 
+def write_test_manifest(bundle: Path, fields: dict) -> None:
+    """(Re)write a test bundle's manifest over the files it holds now (the harness checks them)."""
+    manifest = {"schema": "mcpm-export/manifest/1", **fields, "files": file_table(bundle)}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture
 def make_bundle(tmp_path):
     def make(runner: Path, name: str = "tiny-android", extra: dict[str, bytes] | None = None) -> Path:
@@ -105,9 +112,8 @@ def make_bundle(tmp_path):
                           "lib/host/model.so": b"x86_64 host build, never pushed", **(extra or {})}.items():
             (b / rel).parent.mkdir(parents=True, exist_ok=True)
             (b / rel).write_bytes(data)
-        (b / "manifest.json").write_text(json.dumps({"schema": "mcpm-export/manifest/1", "recipe": "tiny",
-                                                     "target": "android", "quantization": {"scheme": "q4f16"},
-                                                     "libs": {"host": {"so": "lib/host/model.so"}}}))
+        write_test_manifest(b, {"recipe": "tiny", "target": "android", "quantization": {"scheme": "q4f16"},
+                                "libs": {"host": {"so": "lib/host/model.so"}}})
         return b
 
     return make

@@ -6,9 +6,12 @@ these tests check the harness's plumbing (facts, sha256-gated push, trials, pull
 import csv
 import json
 
+import pytest
 from rich.console import Console
 
 from device_tests.harness import BenchConfig, bench, failures, REMOTE_BASE
+from device_tests.testing import write_test_manifest
+from exporter.errors import ExportError
 
 SMALL = dict(prompt_len=16, gen_len=4, repeat=2, warmup=1, threads=2)
 
@@ -55,10 +58,12 @@ def test_bench_two_handsets_and_incremental_push(adb_server, fake_handset, fixtu
     report, _, _ = _bench(adb_server, bundle, tmp_path / "out2", [s1], repeat=1, warmup=0)
     assert report["handsets"][0]["pushed_files"] == []
     (bundle / "mlc-chat-config.json").write_text('{"vocab_size": 4096}')
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    write_test_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("schema", "files")})
     stale = h1.host_path(f"{REMOTE_BASE}/{bundle.name}/params/old_shard.bin")
     stale.write_bytes(b"old")
     report, _, _ = _bench(adb_server, bundle, tmp_path / "out3", [s1], repeat=1, warmup=0)
-    assert report["handsets"][0]["pushed_files"] == ["mlc-chat-config.json"]
+    assert report["handsets"][0]["pushed_files"] == ["manifest.json", "mlc-chat-config.json"]
     assert not stale.exists()
 
 
@@ -169,3 +174,14 @@ def test_cli_bench_exit_status_and_reports(adb_server, fake_handset, fixture_run
     p = subprocess.run(args, capture_output=True, text=True, env=adb_server.env, timeout=60)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1] == f"error: not a finished mcpm-export bundle: {bundle}/manifest.json is missing"
+
+
+def test_tampered_bundle_is_never_pushed(adb_server, fake_handset, fixture_runner, make_bundle, tmp_path):
+    h, serial = fake_handset()
+    bundle = make_bundle(fixture_runner)
+    shard = bundle / "params" / "params_shard_0.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated after the manifest was written
+    with pytest.raises(ExportError, match=r"does not verify against its manifest: .*params_shard_0.bin: size"):
+        bench(bundle, tmp_path / "out", serials=[serial], cfg=BenchConfig(repeat=1, warmup=0),
+              adb_port=adb_server.port, console=Console(record=True))
+    assert not h.host_path(f"{REMOTE_BASE}/{bundle.name}").exists()

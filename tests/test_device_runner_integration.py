@@ -15,6 +15,7 @@ from rich.console import Console
 
 from device_tests.harness import BenchConfig, bench, failures, runner_synthetic_prompt
 from device_tests.report import EMULATED_NOTE
+from device_tests.testing import write_test_manifest
 from exporter.errors import ExportError
 
 PROMPT_LEN, GEN_LEN = 24, 8
@@ -77,8 +78,8 @@ def test_runner_dev_model_on_fake_handset_equals_numpy_reference(adb_server, fak
     bundle = tmp_path / "devmodel-android"
     params = devmodel.build_bundle(bundle)
     install_runner(bundle)
-    (bundle / "manifest.json").write_text(json.dumps({"recipe": "devmodel", "target": "android",
-                                                      "note": "runner dev model (random weights), test only"}))
+    write_test_manifest(bundle, {"recipe": "devmodel", "target": "android",
+                                 "note": "runner dev model (random weights), test only"})
     _, serial = fake_handset()
     cfg = BenchConfig(prompt_len=12, gen_len=6, repeat=1, warmup=1, threads=2, trial_timeout_s=600)
     report, _ = bench(bundle, tmp_path / "out", serials=[serial], cfg=cfg, adb_port=adb_server.port,
