@@ -76,15 +76,14 @@ def _dynamic_reduction(func) -> bool:
 
 
 def compile_vision(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None = None) -> relax.VMExecutable:
-    """targets/tvm/pipeline.py's lowering, except that on GPUs dlight's Matmul rule skips matmuls
-    whose reduction length is the dynamic token count (it would unroll a symbolic loop); those
-    fall through to the GEMV/Reduction/Fallback rules."""
+    """targets/tvm/pipeline.py's lowering plus a schedule for the matmuls: on CPUs
+    targets/tvm/vision_schedule.py (tiled, vectorised, row-parallel); on GPUs dlight's rules, except
+    that its Matmul rule skips matmuls whose reduction length is the dynamic token count (it would
+    unroll a symbolic loop); those fall through to the GEMV/Reduction/Fallback rules."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
     from tvm.s_tir import dlight as dl
 
-    from targets.tvm import pipeline
-    if target.kind.name == "llvm":
-        return pipeline.compile_ir(mod, target, prefix=prefix, use_kernels=False)
+    from targets.tvm.vision_schedule import schedule_matmuls
 
     class StaticReductionMatmul(dl.ScheduleRule):
         def __init__(self):
@@ -93,14 +92,17 @@ def compile_vision(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | N
         def apply(self, func, target, tunable):
             return None if _dynamic_reduction(func) else self.inner.apply(func, target, tunable)
 
-    @tvm.transform.module_pass(opt_level=0, name="mcpm_vision_gpu_pipeline")
+    @tvm.transform.module_pass(opt_level=0, name="mcpm_vision_pipeline")
     def _pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                       relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                      relax.transform.DeadCodeElimination(),
-                      dl.ApplyDefaultSchedule(StaticReductionMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+                      relax.transform.DeadCodeElimination()]
+            if target.kind.name == "llvm":
+                passes.append(schedule_matmuls)
+            else:
+                passes.append(dl.ApplyDefaultSchedule(StaticReductionMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
             passes += cpu_passes.dataflow_lower_passes(target) + cpu_passes.finalize_passes(target)
             passes.append(canonical_shape_funcs)   # byte-reproducible builds (targets/tvm/reproducible.py)
             return tvm.transform.Sequential(passes)(m)

@@ -149,7 +149,7 @@ class IOSTarget:
 
         recipe, cfg = ctx.recipe, ctx.config
         interp = Interpreter.from_package(package)
-        facts = structure(interp) if embed_bits else {"functions": list(interp.program.functions)}
+        facts = structure(interp) if embed_bits else {"functions": sorted(interp.program.functions)}
         tok = Tokenizer(ctx.tokenizer_path)
         calib = tok.encode(CALIBRATION_TEXT.read_text())
         names = list(ctx.reference.state_dict())

@@ -36,7 +36,7 @@ def structure(interp: Interpreter) -> dict:
         if name not in prog.functions:
             raise ExportError(f"Core ML package lacks function '{name}' "
                               f"(has: {', '.join(prog.functions)})")
-    facts = {"functions": list(prog.functions), "int4_weights": 0, "int8_weights": 0,
+    facts = {"functions": sorted(prog.functions), "int4_weights": 0, "int8_weights": 0,
              "fp32_constants": []}
     for name in FUNCTIONS:
         fn = prog.functions[name]
