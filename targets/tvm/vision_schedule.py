@@ -6,13 +6,14 @@ innermost loop and walks B[k, j] column-wise, one thread, no SIMD. Every matmul-
 k is the dynamic patch count N) is rescheduled here as::
 
     parallel(b.., i_block)            # BLOCK*ROWS rows; a T.where guard covers a dynamic N
-      init the rows of C
-      for k_block                     # KC (static K divisible by KC, KC/2 or KC/4)
-        for j_outer                   # COLS (static J divisible by COLS)
-          for i_tile                  # BLOCK tiles of ROWS rows reuse the [KC, COLS] slice of B
-            for k_inner
-              for i_inner (unrolled)       # ROWS
-                for j_inner (vectorized)   # B[k, j..] and C[i, j..] contiguous
+      for j_block                     # JBLOCK*COLS columns (guarded: 4304 = 16 * 269)
+        init the C block
+        for k_block                   # KC (static K divisible by KC, KC/2 or KC/4)
+          for j_outer                 # COLS (static J divisible by COLS)
+            for i_tile                # BLOCK tiles of ROWS rows reuse the [KC, COLS] slice of B
+              for k_inner
+                for i_inner (unrolled)       # ROWS
+                  for j_inner (vectorized)   # B[k, j..] and C[i, j..] contiguous
     other blocks (bias add, layer norm, softmax, transposes): outermost loop parallel
 
 Matmuls with a dynamic or odd J (attention scores) get ``parallel(i_outer) / k / i_inner / j``
@@ -30,7 +31,7 @@ from tvm.tirx.analysis import undefined_vars
 ROWS = 4          # rows of C per micro tile (unrolled)
 COLS = 16         # columns of C per micro tile (vectorized: 4 NEON / 2 AVX2 float32 registers)
 BLOCK = 32        # micro tiles per row block: a [KC, COLS] slice of B is reused by BLOCK * ROWS rows
-JBLOCK = 16
+JBLOCK = 16       # column tiles per column block: the [BLOCK * ROWS, JBLOCK * COLS] block of C stays in L2
 KC = 64           # reduction block: the [BLOCK * ROWS, KC] slice of A stays in L1/L2
 
 
