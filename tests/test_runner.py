@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from device_tests.facts import bundle_abi
+from exporter.bundle import sha256_file
 from runner import build, devmodel
 
 QEMU = "qemu-aarch64-static"
@@ -88,7 +89,7 @@ def program_headers(elf: Path) -> list[tuple[int, int]]:
 def test_layout_abi_and_version(runner_dir):
     info = json.loads((runner_dir / "BUILD.json").read_text())
     for rel, digest in info["files"].items():
-        assert build._sha256(runner_dir / rel) == digest, rel
+        assert sha256_file(runner_dir / rel) == digest, rel
     assert bundle_abi(runner_dir / "mcpm-run") == "arm64-v8a"
     assert bundle_abi(runner_dir / "mcpm-run.bin") == "arm64-v8a"
     assert all(t != 3 for t, _ in program_headers(runner_dir / "mcpm-run")), \
@@ -224,12 +225,12 @@ def test_bench_harness_on_fake_handset(runner_dir, dev_bundle, adb_server, fake_
     from rich.console import Console
 
     from device_tests.harness import BenchConfig, bench, failures
+    from device_tests.testing import write_test_manifest
 
     bundle = tmp_path / "dev-android"
     shutil.copytree(dev_bundle[0], bundle)
     build.copy_runner(runner_dir, bundle / "runner")
-    (bundle / "manifest.json").write_text(json.dumps({"schema": "mcpm-export/manifest/1", "recipe": "dev",
-                                                      "target": "android", "quantization": {"scheme": "f32"}}))
+    write_test_manifest(bundle, {"recipe": "dev", "target": "android", "quantization": {"scheme": "f32"}})
     _, serial = fake_handset()
     cfg = BenchConfig(prompt_len=24, gen_len=6, repeat=1, warmup=0, threads=2)
     report, _ = bench(bundle, tmp_path / "out", serials=[serial], cfg=cfg, adb_port=adb_server.port,
