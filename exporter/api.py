@@ -14,9 +14,10 @@ from .model import MiniCPM
 from .progress import Progress
 from .quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from .quant import SCHEMES, QuantizedModel
-from .streaming import quantize_streaming
 from .recipes import Recipe, get_recipe
+from .streaming import quantize_streaming
 from .tokenizer import Tokenizer
+
 
 @dataclass
 class LoadedModel:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MiniCPMConfig
+from .errors import ExportError
 from .model import Block, RMSNorm, rope_tables
 from .quality import WINDOW, windows
 from .quant import QTensor, QuantizedModel, Scheme, quantize_weight, is_embedding, is_linear
@@ -50,7 +51,7 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
     imp_ids = torch.tensor(windows(calib_ids, WINDOW, importance_windows))
     gate_ids = torch.tensor(windows(calib_ids[len(imp_ids) * WINDOW:], WINDOW, gate_windows))
     if len(imp_ids) == 0:
-        raise ValueError("calibration text is shorter than one window")
+        raise ExportError(f"calibration text is shorter than one {WINDOW}-token window")
     emb = get("tok_embeddings.weight")
     cos, sin = rope_tables(cfg, torch.arange(WINDOW))
     h_imp = emb[imp_ids] * cfg.scale_emb
@@ -99,7 +100,7 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
     on_step("embedding")
     missing = set(names) - set(qm.tensors)
     if missing:
-        raise ValueError(f"tensors not quantized: {sorted(missing)[:3]}")
+        raise ExportError(f"tensors not quantized: {sorted(missing)[:3]}")
 
     if h_gate is not None and scheme.linear_bits is not None:
         deq = lambda name: torch.from_numpy(_deq(qm.tensors[name]))  # noqa: E731
