@@ -12,7 +12,8 @@ Relax dataflow pattern, into two opaque ``call_tir``s that never materialise ``w
     (xq, nb, xd) = call_tir(mcpm_q4_quant, (x2,))       # activations -> int8 per group of 32
     (y2, _)      = call_tir(mcpm_q4_rows, (q_weight, q_scale, xq, nb, xd))  # + a scratch row counter
 
-The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern``; the
+The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern`` (their
+names carry ``kernel_prefix(target)``, a hash of source and flags); the
 threads of a ``T.parallel`` loop (TVM's thread pool, TVM_NUM_THREADS) take weight rows in chunks from
 an atomic counter (dynamic split: a slow or descheduled core does not stall the others). The C is compiled by clang
 for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
@@ -98,15 +99,25 @@ def clang_flags(target: tvm.target.Target) -> list[str]:
     return flags
 
 
+def _key(target: tvm.target.Target) -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(clang_flags(target)).encode()).hexdigest()
+
+
+def kernel_prefix(target: tvm.target.Target) -> str:
+    """``mcpm_k<hash>_``: the prefix of the microkernels' exported names for ``target``.
+
+    A hash of the source and the compile flags, so two model libraries in one app cannot clash: the
+    same name means the same code (the symbols are weak and hidden, see q4_matmul.c)."""
+    return f"mcpm_k{_key(target)[:12]}_"
+
+
 def compile_microkernels(target: tvm.target.Target) -> Path:
     """The microkernel object for ``target`` (cached by source + flags under ~/.cache/mcpm-export)."""
     clang = shutil.which("clang")
     if clang is None:
         raise ExportError("kernels: 'clang' not found on PATH (needed to compile targets/tvm/microkernels)")
-    flags = clang_flags(target)
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
-    obj = CACHE / f"q4_matmul-{key}.o"
+    flags = [*clang_flags(target), f"-DMCPM_KPREFIX={kernel_prefix(target)}"]
+    obj = CACHE / f"q4_matmul-{_key(target)[:16]}.o"
     if not obj.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -137,47 +148,49 @@ def isa_of(target: tvm.target.Target) -> str:
 # Parameters are plain handles (TVM passes a DLTensor* for each); the C side reads data and shapes.
 # Buffer pointers (``A.data``) in a call would make TVM 0.27's AttachGlobalSymbol fail on system-lib
 # builds (those with a ``system_lib_prefix``).
-def quant_act_func(kind: str) -> tirx.PrimFunc:
-    """x float32 [m, k] -> the int8 activation buffers of mcpm_{kind}_quant_act (any m, k)."""
+def quant_act_func(kind: str, prefix: str) -> tirx.PrimFunc:
+    """x float32 [m, k] -> the int8 activation buffers of <prefix>{kind}_quant_act (any m, k)."""
+    sym = f"{prefix}{kind}_quant_act"
     if kind == "q4":
         @T.prim_func(private=True)
         def q4_quant(x: T.handle, xq: T.handle, nb: T.handle, xd: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-            T.evaluate(T.call_extern("int32", "mcpm_q4_quant_act", x, xq, nb, xd))
+            T.evaluate(T.call_extern("int32", sym, x, xq, nb, xd))
 
         return q4_quant
 
     @T.prim_func(private=True)
     def q8_quant(x: T.handle, xq: T.handle, xd: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-        T.evaluate(T.call_extern("int32", "mcpm_q8_quant_act", x, xq, xd))
+        T.evaluate(T.call_extern("int32", sym, x, xq, xd))
 
     return q8_quant
 
 
-def matmul_rows_func(kind: str) -> tirx.PrimFunc:
+def matmul_rows_func(kind: str, prefix: str) -> tirx.PrimFunc:
     """y[m, n_out] (and a scratch row counter) from the weights and the quantised activations.
 
     Rows are handed out dynamically, ROWS_PER_TASK at a time, through an atomic counter that the
     wrapper zeroes first; PARALLEL_SLOTS parallel iterations cover any thread-pool size."""
     rpt, slots = ROWS_PER_TASK, PARALLEL_SLOTS
+    reset, rows = f"{prefix}counter_reset", f"{prefix}{kind}_matmul_dyn"
     if kind == "q4":
         @T.prim_func(private=True)
         def q4_rows(qw: T.handle, sc: T.handle, xq: T.handle, nb: T.handle, xd: T.handle, y: T.handle,
                     cnt: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-            T.evaluate(T.call_extern("int32", "mcpm_counter_reset", cnt))
+            T.evaluate(T.call_extern("int32", reset, cnt))
             for t in T.parallel(slots):
-                T.evaluate(T.call_extern("int32", "mcpm_q4_matmul_dyn", qw, sc, xq, nb, xd, y, cnt, rpt))
+                T.evaluate(T.call_extern("int32", rows, qw, sc, xq, nb, xd, y, cnt, rpt))
 
         return q4_rows
 
     @T.prim_func(private=True)
     def q8_rows(qw: T.handle, sc: T.handle, xq: T.handle, xd: T.handle, y: T.handle, cnt: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
-        T.evaluate(T.call_extern("int32", "mcpm_counter_reset", cnt))
+        T.evaluate(T.call_extern("int32", reset, cnt))
         for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", "mcpm_q8_matmul_dyn", qw, sc, xq, xd, y, cnt, rpt))
+            T.evaluate(T.call_extern("int32", rows, qw, sc, xq, xd, y, cnt, rpt))
 
     return q8_rows
 
@@ -208,8 +221,9 @@ def _signature(qw, sc, w) -> tuple[str, int, int] | None:
 
 
 class _Rewriter:
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, prefix: str):
         self.bb = relax.BlockBuilder(mod)
+        self.prefix = prefix
         self.kernels: dict[str, relax.GlobalVar] = {}
         self.count = 0
         self.x, self.qw, self.sc, self.fn = wildcard(), wildcard(), wildcard(), wildcard()
@@ -247,19 +261,19 @@ class _Rewriter:
         acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // 32)], f32)]
         if kind == "q4":
             acts.insert(1, relax.TensorType([rows * (k // 8)], i32))
-        quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind)),
+        quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind, self.prefix)),
                                   relax.Tuple([x2]), acts)
         ins = [qw, sc] + [relax.TupleGetItem(quant, i) for i in range(len(acts))]
-        res = relax.op.call_tir(self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind)), relax.Tuple(ins),
+        res = relax.op.call_tir(self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind, self.prefix)), relax.Tuple(ins),
                                 [relax.TensorType([rows, n_out], f32), relax.TensorType([1], i32)])
         y2 = relax.TupleGetItem(res, 0)
         self.count += 1
         return relax.op.reshape(y2, relax.ShapeExpr([*dims[:-1], n_out]))
 
 
-def fuse_q4_matmul(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Replace q4f16 / int8 dequantize+matmul by fused-kernel calls; returns (module, layers rewritten)."""
-    rw = _Rewriter(mod)
+def fuse_q4_matmul(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
+    """Replace q4f16 / int8 dequantize+matmul by calls of ``target``'s kernels; returns (module, layers rewritten)."""
+    rw = _Rewriter(mod, kernel_prefix(target))
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
@@ -291,7 +305,7 @@ def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).
     """
-    mod, count = fuse_q4_matmul(mod)
+    mod, count = fuse_q4_matmul(mod, target)
     if count == 0:
         return mod
     return attach_microkernels(mod, target)

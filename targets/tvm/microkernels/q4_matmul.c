@@ -51,6 +51,29 @@ typedef struct {
 
 #define PTR(T, t) ((T*)((char*)(t)->data + (t)->byte_offset))
 
+/* Exported names: KSYM(x) = <MCPM_KPREFIX>x.  kernels.py sets the prefix to mcpm_k<hash of this source
+ * and the compile flags>_, so two model libraries linked into one app never clash: equal hashes mean
+ * identical code, and the symbols are weak (the linker keeps one copy) and hidden (a .so does not
+ * export them). */
+#ifndef MCPM_KPREFIX
+#define MCPM_KPREFIX mcpm_k_
+#endif
+#define KCAT2(a, b) a##b
+#define KCAT(a, b) KCAT2(a, b)
+#define KSYM(name) KCAT(MCPM_KPREFIX, name)
+#define KEXPORT __attribute__((weak, visibility("hidden")))
+
+/* Software prefetch of the weight stream, PF_DIST bytes ahead (rows are contiguous, so it runs on into
+ * the next row).  Decode is a pure stream over the weights and the hardware prefetcher alone left a
+ * core at ~2/3 of its read bandwidth: 2B-shaped decode GEMVs, one thread, 9.8 -> 13.9 GB/s with
+ * 1024 bytes (bench/RESULTS.md).  The aarch64 distance is a conventional value, not measured here. */
+#if defined(__x86_64__)
+#define PF_DIST 1024
+#else
+#define PF_DIST 512
+#endif
+#define PREFETCH(p) __builtin_prefetch((const char*)(p) + PF_DIST, 0, 3)
+
 /* IEEE half -> float, portable (used for tails and the portable path). */
 static float h2f(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -125,7 +148,7 @@ static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32
 }
 
 /* x float32 [m, k] -> xq int8 [m*k], nb int32 [m*k/8], xd float32 [m*k/32] */
-int32_t mcpm_q4_quant_act(const DLT* x, DLT* xq, DLT* nb, DLT* xd) {
+KEXPORT int32_t KSYM(q4_quant_act)(const DLT* x, DLT* xq, DLT* nb, DLT* xd) {
   q4_quant_act(PTR(const float, x), x->shape[0], x->shape[1], PTR(int8_t, xq), PTR(int32_t, nb), PTR(float, xd));
   return 0;
 }
@@ -150,8 +173,10 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
 #endif
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; g + 8 <= G; g += 8) {
+    PREFETCH(s + g);
     for (int h = 0; h < 2; h++) {
       const int64_t gg = g + 4 * h;
+      PREFETCH(w + gg * 16);
       const __m512i wb = _mm512_loadu_si512((const void*)(w + gg * 16));
       const __m512i lo = _mm512_and_si512(wb, mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
@@ -194,6 +219,8 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (; g + 2 <= G; g += 2) {
+    PREFETCH(w + g * 16);
+    if (!(g & 31)) PREFETCH(s + g);
     const __m256i wb = _mm256_loadu_si256((const __m256i*)(w + g * 16));
     const __m256i lo = _mm256_and_si256(wb, mask);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), mask);
@@ -211,6 +238,8 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   const uint8x16_t mask = vdupq_n_u8(15);
   float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
   for (; g < G; g++) {
+    if (!(g & 3)) PREFETCH(w + g * 16);
+    if (!(g & 31)) PREFETCH(s + g);
     const uint8x16_t wb = vld1q_u8(w + g * 16);
     const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
     const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
@@ -253,6 +282,7 @@ static inline void row_dot4(const uint8_t* w, const uint16_t* s, const int8_t* x
 #endif
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (; g + 4 <= G; g += 4) {
+    PREFETCH(w + g * 16);
     const __m512i wb = _mm512_loadu_si512((const void*)(w + g * 16));
     const __m512i lo = _mm512_and_si512(wb, mask);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
@@ -277,6 +307,7 @@ static inline void row_dot4(const uint8_t* w, const uint16_t* s, const int8_t* x
   const uint8x16_t mask = vdupq_n_u8(15);
   float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
   for (; g < G; g++) {
+    if (!(g & 3)) PREFETCH(w + g * 16);
     const uint8x16_t wb = vld1q_u8(w + g * 16);
     const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
     const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
@@ -302,7 +333,7 @@ static inline void row_dot4(const uint8_t* w, const uint16_t* s, const int8_t* x
 /* y[t, r] for all tokens t and weight rows r0 <= r < r1: qw uint32 [n_out, k/8], sc f16 [n_out, k/32],
  * the quantised activations of mcpm_q4_quant_act, y float32 [m, n_out].  r0/r1 are int32: TVM's
  * parallel-loop lowering passes the task range as i32. */
-int32_t mcpm_q4_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* nbt, const DLT* xdt,
+KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* nbt, const DLT* xdt,
                             DLT* yt, int32_t r0, int32_t r1) {
   const uint32_t* qw = PTR(const uint32_t, qwt);
   const uint16_t* sc = PTR(const uint16_t, sct);
@@ -330,7 +361,7 @@ int32_t mcpm_q4_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, cons
  * w = q8 * s, q8 int8 [n_out, k] in natural order, s f16 per 32-group.  Activations are quantised the
  * same way but kept in natural order (mcpm_q8_quant_act); s8 x s8 dot products (x86: |w| x sign(x, w)
  * through the u8 x s8 instructions; aarch64: sdot). */
-int32_t mcpm_q8_quant_act(const DLT* xt, DLT* xqt, DLT* xdt) {
+KEXPORT int32_t KSYM(q8_quant_act)(const DLT* xt, DLT* xqt, DLT* xdt) {
   const float* x = PTR(const float, xt);
   int8_t* xq = PTR(int8_t, xqt);
   float* xd = PTR(float, xdt);
@@ -361,6 +392,7 @@ static inline float q8_row_dot(const int8_t* w, const uint16_t* s, const int8_t*
   const __m512i ones = _mm512_set1_epi16(1);
 #endif
   for (; g + 2 <= G; g += 2) {
+    PREFETCH(w + g * 32);
     const __m512i wv = _mm512_loadu_si512((const void*)(w + g * 32));
     const __m512i xv = _mm512_loadu_si512((const void*)(xq + g * 32));
     const __m512i aw = _mm512_abs_epi8(wv);
@@ -379,6 +411,7 @@ static inline float q8_row_dot(const int8_t* w, const uint16_t* s, const int8_t*
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (; g < G; g++) {
+    PREFETCH(w + g * 32);
     const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + g * 32));
     const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + g * 32));
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
@@ -391,6 +424,7 @@ static inline float q8_row_dot(const int8_t* w, const uint16_t* s, const int8_t*
 #elif defined(__ARM_NEON) && defined(__aarch64__)
   float32x4_t acc = vdupq_n_f32(0.f);
   for (; g < G; g++) {
+    if (!(g & 1)) PREFETCH(w + g * 32);
     const int8x16_t w0 = vld1q_s8(w + g * 32), w1 = vld1q_s8(w + g * 32 + 16);
     const int8x16_t x0 = vld1q_s8(xq + g * 32), x1 = vld1q_s8(xq + g * 32 + 16);
 #ifdef __ARM_FEATURE_DOTPROD
@@ -411,7 +445,7 @@ static inline float q8_row_dot(const int8_t* w, const uint16_t* s, const int8_t*
   return r;
 }
 
-int32_t mcpm_q8_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* xdt, DLT* yt,
+KEXPORT int32_t KSYM(q8_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* xdt, DLT* yt,
                             int32_t r0, int32_t r1) {
   const int8_t* qw = PTR(const int8_t, qwt);
   const uint16_t* sc = PTR(const uint16_t, sct);
@@ -430,27 +464,27 @@ int32_t mcpm_q8_matmul_rows(const DLT* qwt, const DLT* sct, const DLT* xqt, cons
  * The TIR wrapper zeroes a fresh counter, then every parallel task grabs chunks of `chunk` rows with an
  * atomic add until all rows are done: a descheduled or slow thread (shared cores, big.LITTLE phones)
  * does not hold the others up the way a static split of the rows would. */
-int32_t mcpm_counter_reset(DLT* c) {
+KEXPORT int32_t KSYM(counter_reset)(DLT* c) {
   __atomic_store_n(PTR(int32_t, c), 0, __ATOMIC_RELAXED);
   return 0;
 }
 
-int32_t mcpm_q4_matmul_dyn(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* nb, const DLT* xd, DLT* y,
+KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* nb, const DLT* xd, DLT* y,
                            DLT* cnt, int32_t chunk) {
   const int32_t n_out = (int32_t)y->shape[1];
   for (;;) {
     const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
     if (r0 >= n_out) return 0;
-    mcpm_q4_matmul_rows(qw, sc, xq, nb, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
+    KSYM(q4_matmul_rows)(qw, sc, xq, nb, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
   }
 }
 
-int32_t mcpm_q8_matmul_dyn(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* xd, DLT* y, DLT* cnt,
+KEXPORT int32_t KSYM(q8_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* xd, DLT* y, DLT* cnt,
                            int32_t chunk) {
   const int32_t n_out = (int32_t)y->shape[1];
   for (;;) {
     const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
     if (r0 >= n_out) return 0;
-    mcpm_q8_matmul_rows(qw, sc, xq, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
+    KSYM(q8_matmul_rows)(qw, sc, xq, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
   }
 }
