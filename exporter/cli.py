@@ -117,14 +117,17 @@ def eval_cmd(recipe, checkpoint, text_file, windows, as_json):
 @click.option("--adb-host", default=None, help="Remote adb server host (adb -H).")
 @click.option("--adb-port", type=int, default=None, help="adb server port (adb -P).")
 @click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Vision bundles: an image (any format Pillow reads; pushed as PPM). --prompt-len is then the "
+                   "text after the image; reports vision encode time per image.")
 @user_errors
 def bench(bundle, serials, all_devices, prompt_len, gen_len, repeat, warmup, threads, backend, cooldown_temp,
-          trial_timeout, adb_host, adb_port, out):
+          trial_timeout, adb_host, adb_port, out, image):
     """Benchmark a bundle's runner on adb handsets (concurrently); writes JSON, CSV and a PNG chart."""
     from device_tests.harness import BenchConfig, bench as run, failures
 
     cfg = BenchConfig(prompt_len=prompt_len, gen_len=gen_len, repeat=repeat, warmup=warmup, threads=threads,
-                      backend=backend, cooldown_temp=cooldown_temp, trial_timeout_s=trial_timeout)
+                      backend=backend, cooldown_temp=cooldown_temp, trial_timeout_s=trial_timeout, image=image)
     show_settings("mcpm-export bench", bundle=bundle, serials=",".join(serials) or None, all=all_devices or None,
                   adb=f"{adb_host or 'localhost'}:{adb_port or 5037}", out=out, **vars(cfg))
     report, _ = run(Path(bundle), Path(out), list(serials) or None, all_devices, cfg, adb_host, adb_port, console)
@@ -203,16 +206,22 @@ def image_plan(image, recipe, as_json):
 @click.option("--model", "recipes", required=True, help="Recipe name(s), comma separated.")
 @click.option("--target", required=True, type=click.Choice([*KNOWN_TARGETS, "all"]),
               help="One target, or every target each recipe allows.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Local checkpoint folder (one recipe only); default: embedded copy or HF cache.")
 @click.option("--out", default="release", show_default=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace older archives of the same recipe/target in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the archives (path, sha256, size) as JSON.")
 @user_errors
-def release_cmd(recipes, target, out, force, as_json):
+def release_cmd(recipes, target, checkpoint, out, force, as_json):
     """Build, pack and verify reproducible release archives (mcpm-RECIPE-TARGET-SCHEME-vVERSION.tar.gz)."""
     from .release import release
 
-    show_settings("mcpm-export release", models=recipes, target=target, out=out, force=force or None)
-    results = release(recipes.split(","), target, Path(out), force, Progress(quiet=as_json))
+    names = recipes.split(",")
+    if checkpoint is not None and len(names) != 1:
+        raise ExportError(f"--checkpoint {checkpoint}: give exactly one --model with it (got {len(names)})")
+    show_settings("mcpm-export release", models=recipes, target=target, checkpoint=checkpoint, out=out,
+                  force=force or None)
+    results = release(names, target, Path(out), force, Progress(quiet=as_json), checkpoint=checkpoint)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

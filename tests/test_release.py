@@ -109,6 +109,19 @@ def test_cli_rejects_unknown_target_and_recipe(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_checkpoint_passthrough(tmp_path):
+    """--checkpoint reaches the export (a missing folder is named in the error) and needs one recipe."""
+    runner = CliRunner()
+    res = runner.invoke(main, ["release", "--model", "tiny,sft-int4", "--target", "android", "--checkpoint",
+                               str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "exactly one --model" in res.output
+    missing = tmp_path / "no-such-checkpoint"
+    res = runner.invoke(main, ["release", "--model", "sft-int4", "--target", "android", "--checkpoint",
+                               str(missing), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and str(missing) in res.output, res.output
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
 def build_twice(target: str, tmp_path: Path) -> Path:
     """Once through the API in this process, once through the CLI in a fresh one."""
     r1 = release(["tiny"], target, tmp_path / "one")
