@@ -214,12 +214,13 @@ def aarch64_driver(root: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-g++")),
                     reason="needs qemu-aarch64-static and aarch64-linux-gnu-g++")
-@pytest.mark.parametrize("mattr", [["+neon"], ["+neon", "+dotprod"]], ids=["neon", "dotprod"])
+@pytest.mark.parametrize("mattr", [["+neon"], ["+neon", "+dotprod"], ["+neon", "+dotprod", "+i8mm"]],
+                         ids=["neon", "dotprod", "i8mm"])
 def test_fused_matches_numpy_aarch64_qemu(tmp_path, mattr):
     root = aarch64_runtime()
     driver = aarch64_driver(root)
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
-    assert kernels.isa_of(target) == ("neon-dotprod" if "+dotprod" in mattr else "neon")
+    assert kernels.isa_of(target) == {1: "neon", 2: "neon-dotprod", 3: "neon-i8mm"}[len(mattr)]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{root / 'tvm_ffi' / 'lib'}:{root / 'tvm' / 'lib'}",
            "TVM_NUM_THREADS": "2"}
     for i, (kind, bits, n_out, n_in) in enumerate([(Q4, 4, *SHAPES[0]), (Q4, 4, *SHAPES[1]), (Q8, 8, 37, 1056)]):

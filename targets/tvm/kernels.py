@@ -17,7 +17,7 @@ names carry ``kernel_prefix(target)``, a hash of source and flags); the
 threads of a ``T.parallel`` loop (TVM's thread pool, TVM_NUM_THREADS) take weight rows in chunks from
 an atomic counter (dynamic split: a slow or descheduled core does not stall the others). The C is compiled by clang
 for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
-NEON+dotprod, portable C; see ``isa_of``) and attached to the module as an external object
+NEON+dotprod, NEON+dotprod+i8mm (prefill), portable C; see ``isa_of``) and attached to the module as an external object
 (``external_mods``), so ``export_library`` links it into the model library, .so or system-lib .tar.
 
 Numerics: like llama.cpp's Q4_0 x Q8_0 the activations are rounded to int8 per 32-group (relative
@@ -140,6 +140,8 @@ def isa_of(target: tvm.target.Target) -> str:
     if has("__AVX2__") and has("__FMA__") and has("__F16C__"):
         return "avx2"
     if has("__aarch64__"):
+        if has("__ARM_FEATURE_MATMUL_INT8"):
+            return "neon-i8mm"
         return "neon-dotprod" if has("__ARM_FEATURE_DOTPROD") else "neon"
     return "portable-c"
 
