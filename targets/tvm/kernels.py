@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -197,6 +198,40 @@ def matmul_rows_func(kind: str, prefix: str) -> tirx.PrimFunc:
     return q8_rows
 
 
+def decode_attention_func(prefix: str) -> tirx.PrimFunc:
+    """Drop-in for TVM's CPU decode attention of the paged KV cache (same parameters): PARALLEL_SLOTS
+    parallel calls of <prefix>attn_decode, slot t of n taking query heads [t*H/n, (t+1)*H/n)."""
+    sym, slots = f"{prefix}attn_decode", PARALLEL_SLOTS
+
+    @T.prim_func(private=True)
+    def attn_decode(q: T.handle, pages: T.handle, indptr: T.handle, values: T.handle, length_info: T.handle,
+                    k_rope_pos_offset: T.handle, q_rope_position: T.handle, output: T.handle, lse: T.handle,
+                    rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", sym, q, pages, indptr, values, length_info, output, lse, t, slots,
+                                     rotary_mode, sm_scale))
+
+    return attn_decode
+
+
+DECODE_ATTENTION = "batch_decode_paged_kv_cpu"   # TVM 0.27 TIRPagedKVCache, no sliding window
+
+
+def replace_decode_attention(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, bool]:
+    """Swap TVM's serial, scalar CPU decode attention for the microkernel version (float32 caches only)."""
+    for gv, func in mod.functions.items():
+        if gv.name_hint != DECODE_ATTENTION or not isinstance(func, tirx.PrimFunc):
+            continue
+        if len(func.params) != 13 or not re.search(r'Q: T.Buffer\(\("B", \d+, \d+\), "float32"\)', func.script()):
+            return mod, False                       # not the float32 kernel this replaces
+        new = decode_attention_func(kernel_prefix(target))
+        mod = mod.clone()       # same GlobalVar: the KV cache creation refers to it
+        mod.update_func(gv, new.with_attr("global_symbol", func.attrs["global_symbol"]))
+        return mod, True
+    return mod, False
+
+
 # ---------------------------------------------------------------- the Relax rewrite
 def _static_shape(ty) -> tuple[int, ...] | None:
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -302,12 +337,14 @@ def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 
 def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``.
+    """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``, and
+    replace the KV cache's decode attention by the microkernel one.
 
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).
     """
     mod, count = fuse_q4_matmul(mod, target)
-    if count == 0:
+    mod, attention = replace_decode_attention(mod, target)
+    if count == 0 and not attention:
         return mod
     return attach_microkernels(mod, target)
