@@ -2,7 +2,9 @@
 
 Per handset: device facts, ABI check, push only the files whose sha256 differs (verified after the
 push), optional cool-down, warm-up + repeated trials with thermals before/after each, pull each
-trial's JSON. A failure on one handset (offline, unauthorized, storage full, runner crash or hang,
+trial's JSON. With an image (vision bundles) the image is converted to binary PPM on the host (the runner
+reads nothing else), pushed and sha256-checked like the bundle's files, and each trial reports the vision
+encode time per encoded image. A failure on one handset (offline, unauthorized, storage full, runner crash or hang,
 wrong ABI) becomes that handset's error; the other handsets' results are kept and written.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ REMOTE_BASE = "/data/local/tmp/mcpm"
 RUNNER = "runner/mcpm-run"
 RESULTS_DIR = "results"  # on the device, inside the bundle dir; never compared or pushed
 EXIT_SENTINEL = "@@mcpm-run-exit="
+REMOTE_IMAGE = "inputs/image.ppm"  # on the device, inside the bundle dir
 
 
 @dataclass
@@ -43,6 +46,7 @@ class BenchConfig:
     cooldown_timeout_s: float = 900.0
     trial_timeout_s: float = 900.0
     push_timeout_s: float = 1800.0
+    image: str | None = None  # vision bundles: any image Pillow opens; prompt_len is then the text after it
 
 
 @dataclass
@@ -69,6 +73,8 @@ def runner_command(remote_dir: str, cfg: BenchConfig, run_name: str) -> str:
         args += f" --threads {cfg.threads}"
     if cfg.backend != "cpu":
         args += f" --device {shlex.quote(cfg.backend)}"
+    if cfg.image:
+        args += f" --image {REMOTE_IMAGE}"
     out = f"{RESULTS_DIR}/{run_name}"
     # the sentinel proves the command ran to its end: a dropped connection can look like exit status 0
     return (f"cd {shlex.quote(remote_dir)} && mkdir -p {RESULTS_DIR} && {{ {args} > {out}.json 2> {out}.err; "
@@ -78,6 +84,22 @@ def runner_command(remote_dir: str, cfg: BenchConfig, run_name: str) -> str:
 def runner_synthetic_prompt(vocab_size: int, n: int, bos_token_id: int = 1) -> list[int]:
     """The prompt `mcpm-run --prompt-len n` feeds (runner/mcpm_run.cc): BOS, then 3 + (i*37) % (vocab-3)."""
     return [bos_token_id] + [3 + (i * 37) % (vocab_size - 3) for i in range(1, n)]
+
+
+def image_to_ppm(src: Path, dst: Path) -> tuple[int, int]:
+    """Any image Pillow can open -> binary PPM (P6, 8-bit RGB), the runner's only image format; (w, h).
+
+    RGB conversion as the host path does it (slicing.slice_images: Image.convert("RGB"), no EXIF
+    rotation), so host and runner see the same pixels."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(src) as im:
+            rgb = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ExportError(f"--image {src}: cannot read image ({e.__class__.__name__}: {e})") from None
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    rgb.save(dst, format="PPM")
+    return rgb.size
 
 
 def inspect_bundle(bundle: Path) -> dict:
@@ -104,7 +126,20 @@ def inspect_bundle(bundle: Path) -> dict:
         rel = p.relative_to(bundle).as_posix()
         if p.is_file() and not rel.startswith(skip):
             files[rel] = sha256_file(p)
-    return {"path": bundle, "name": bundle.name, "manifest": manifest, "files": files, "abi": bundle_abi(runner)}
+    return {"path": bundle, "name": bundle.name, "manifest": manifest, "files": files, "abi": bundle_abi(runner),
+            "local": {}}
+
+
+def add_image(info: dict, image: Path, out_dir: Path) -> dict:
+    """Convert the bench image to PPM under out_dir and push it with the bundle as REMOTE_IMAGE."""
+    if not (info["path"] / "vision" / "vision-config.json").is_file():
+        raise ExportError(f"--image: bundle {info['name']} has no vision part (vision/vision-config.json); "
+                          "images need a v-int4 / v2-int4 bundle")
+    ppm = Path(out_dir) / Path(REMOTE_IMAGE).name   # adb push keeps the local name
+    w, h = image_to_ppm(Path(image), ppm)
+    info["files"][REMOTE_IMAGE] = sha256_file(ppm)
+    info["local"][REMOTE_IMAGE] = ppm
+    return {"path": str(image), "width": w, "height": h}
 
 
 def select_serials(adb: Adb, serials: list[str] | None, all_devices: bool) -> list[str]:
@@ -135,6 +170,7 @@ def run_bench(bundle: Path, adb: Adb, out_dir: Path, serials: list[str] | None =
         (Path(out_dir) / "raw").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
+    image = add_image(info, Path(cfg.image), Path(out_dir)) if cfg.image else None
     targets = select_serials(adb, serials, all_devices)
     console = console or Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -165,7 +201,7 @@ def run_bench(bundle: Path, adb: Adb, out_dir: Path, serials: list[str] | None =
                        "recipe": info["manifest"].get("recipe"), "target": info["manifest"].get("target"),
                        "quantization": info["manifest"].get("quantization")},
             "config": {k: getattr(cfg, k) for k in ("prompt_len", "gen_len", "repeat", "warmup", "threads",
-                                                   "backend", "cooldown_temp")},
+                                                   "backend", "cooldown_temp")}, "image": image,
             "adb": adb.where, "handsets": [_result_dict(r) for r in results]}
 
 
@@ -227,8 +263,8 @@ def _sync_bundle(adb: Adb, serial: str, info: dict, remote: str, cfg: BenchConfi
         adb.check_shell(serial, f"mkdir -p {shlex.quote(remote)} {dirs}", "creating bundle directories")
     for n, (d, rels) in enumerate(sorted(by_dir.items()), 1):
         say(f"pushing {len(todo)} changed file(s) ({n}/{len(by_dir)} dirs)")
-        adb.push(serial, [str(info["path"] / r) for r in rels], f"{remote}/{d}/" if d else f"{remote}/",
-                 cfg.push_timeout_s)
+        local = [str(info["local"].get(r) or info["path"] / r) for r in rels]   # local: the bench image
+        adb.push(serial, local, f"{remote}/{d}/" if d else f"{remote}/", cfg.push_timeout_s)
     if todo:
         say("verifying pushed files")
         after = _remote_hashes(adb, serial, remote)
@@ -299,7 +335,8 @@ def _run_trial(adb: Adb, serial: str, remote: str, cfg: BenchConfig, run_name: s
         record = json.loads(local.read_text())
     except json.JSONDecodeError:
         raise HandsetError(f"{label}: mcpm-run printed no JSON object (see {local})") from None
-    missing = [k for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms") if k not in record]
+    missing = [k for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms") + (("vision_encode_ms",) if cfg.image else ())
+               if k not in record]
     if missing:
         raise HandsetError(f"{label}: mcpm-run JSON lacks {', '.join(missing)} (see {local})")
     return record
@@ -320,6 +357,11 @@ def _result_dict(r: HandsetResult) -> dict:
                "load_ms": _stats([t["load_ms"] for t in trials if "load_ms" in t]),
                "peak_rss_kb": max((t.get("peak_rss_kb") or 0 for t in trials), default=None),
                "threads": trials[0].get("threads") if trials else None}
+    if any("vision_encode_ms" in t for t in trials):  # per encoded image (thumbnail, then slices), ms
+        per = [t["vision_encode_ms"] for t in trials]
+        summary.update(vision_encode_total_ms=_stats([t["vision_encode_total_ms"] for t in trials]),
+                       vision_encode_ms=[_stats([p[i] for p in per if i < len(p)]) for i in range(max(map(len, per)))],
+                       prompt_tokens=trials[0].get("prompt_tokens"), plan=trials[0].get("plan"))
     token_runs = {json.dumps(t.get("tokens")) for t in trials}
     return {"serial": r.serial, "status": "ok" if r.ok else "failed", "error": r.error,
             "emulated": r.emulated, "facts": r.facts, "pushed_files": r.pushed, "summary": summary,

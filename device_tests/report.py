@@ -12,7 +12,8 @@ EMULATED_NOTE = "EMULATED (qemu on a host, not a phone): timings say nothing abo
 CSV_FIELDS = ["serial", "status", "emulated", "manufacturer", "model", "soc", "abi", "os", "cpu_cores",
               "mem_total_kb", "recipe", "backend", "threads", "prompt_len", "gen_len", "repeat",
               "pp_tok_s_mean", "pp_tok_s_std", "tg_tok_s_mean", "tg_tok_s_std", "ttft_ms_mean", "ttft_ms_std",
-              "load_ms_mean", "peak_rss_kb", "battery_c_max", "thermal_status_max", "error"]
+              "load_ms_mean", "vision_encode_total_ms_mean", "vision_encode_total_ms_std", "vision_images",
+              "peak_rss_kb", "battery_c_max", "thermal_status_max", "error"]
 
 
 def _pm(stat: dict, digits: int = 2) -> str:
@@ -51,6 +52,12 @@ def print_tables(report: dict, console: Console) -> None:
         tag = " (emulated)" if h["emulated"] else ""
         table.add_row(*common, f"pp{cfg['prompt_len']}{tag}", _pm(s["pp_tok_s"]), _pm(s["ttft_ms"]))
         table.add_row(*common, f"tg{cfg['gen_len']}{tag}", _pm(s["tg_tok_s"]), "")
+        if s.get("vision_encode_total_ms"):  # --image: TTFT column = vision encode time of all images
+            n = len(s["vision_encode_ms"])
+            table.add_row(*common, f"vision {n} img{tag}", "", _pm(s["vision_encode_total_ms"], 1))
+            table.caption = (caption + f"\nvision encode ms per image (thumbnail, then slices): "
+                             + ", ".join(_pm(x, 0) for x in s["vision_encode_ms"])
+                             + f"; prompt {s.get('prompt_tokens')} tokens incl. image")
         console.print(table)
 
 
@@ -70,6 +77,9 @@ def _csv_row(report: dict, h: dict) -> dict:
             "tg_tok_s_mean": s["tg_tok_s"]["mean"], "tg_tok_s_std": s["tg_tok_s"]["std"],
             "ttft_ms_mean": s["ttft_ms"]["mean"], "ttft_ms_std": s["ttft_ms"]["std"],
             "load_ms_mean": s["load_ms"]["mean"], "peak_rss_kb": s["peak_rss_kb"],
+            "vision_encode_total_ms_mean": (s.get("vision_encode_total_ms") or {}).get("mean"),
+            "vision_encode_total_ms_std": (s.get("vision_encode_total_ms") or {}).get("std"),
+            "vision_images": len(s["vision_encode_ms"]) if s.get("vision_encode_ms") else None,
             "battery_c_max": max(temps) if temps else None,
             "thermal_status_max": max(status) if status else None, "error": h["error"]}
 

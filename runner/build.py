@@ -2,7 +2,7 @@
 
 Output (a directory, copied as `runner/` into android/harmony bundles):
     mcpm-run          static aarch64 launcher (launcher.c): execs the bundled loader on mcpm-run.bin
-    mcpm-run.bin      the runner (mcpm_run.cc) over tvm::ffi, dynamically linked
+    mcpm-run.bin      the runner (mcpm_run.cc + vision.cc, the image path) over tvm::ffi, dynamically linked
     lib/              ld-linux-aarch64.so.1, libc/libm/libdl/libpthread/libstdc++/libgcc_s (from the
                       Debian cross toolchain's sysroot) + libtvm_runtime(_extra).so, libtvm_ffi.so
                       (from PyPI's aarch64 apache-tvm / apache-tvm-ffi wheels, never installed)
@@ -30,7 +30,7 @@ from exporter.bundle import sha256_file
 from exporter.errors import ExportError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("mcpm_run.cc", "launcher.c", "build.py")
+SOURCES = ("mcpm_run.cc", "vision.cc", "vision.h", "launcher.c", "build.py")
 TRIPLE = "aarch64-linux-gnu"
 SYSROOT_LIB = Path(f"/usr/{TRIPLE}/lib")
 SYSROOT_LIBS = ("ld-linux-aarch64.so.1", "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0",
@@ -43,7 +43,7 @@ WHEELS = {  # file name -> sha256, as published on PyPI
         "d1a011a0743acb88ffc650c70bfb1376fa90cb7196b042598c6d0c1e690ce185",
 }
 WHEEL_LIBS = ("tvm/lib/libtvm_runtime.so", "tvm/lib/libtvm_runtime_extra.so", "tvm_ffi/lib/libtvm_ffi.so")
-CXXFLAGS = ["-std=c++17", "-O2", "-g0", "-s", "-fno-ident", "-Wl,--build-id=sha1", "-Wl,--hash-style=gnu"]
+CXXFLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-g0", "-s", "-fno-ident", "-Wl,--build-id=sha1", "-Wl,--hash-style=gnu"]
 CFLAGS = ["-O2", "-g0", "-s", "-static", "-fno-ident", "-Wl,--build-id=sha1"]
 
 
@@ -129,12 +129,12 @@ def _compile(out: Path, work: Path, key: str, wheels: list[Path]) -> None:
     # build from a copy in `work` so no checkout path can leak into the output
     src = work / "src"
     src.mkdir()
-    for n in ("mcpm_run.cc", "launcher.c"):
+    for n in SOURCES[:-1]:
         shutil.copyfile(HERE / n, src / n)
     maps = [f"-ffile-prefix-map={src}=runner", f"-ffile-prefix-map={inc}=tvm_ffi/include"]
     steps = {
         "mcpm_run.cc": [_tool(f"{TRIPLE}-g++"), *CXXFLAGS, *maps, f"-DMCPM_RUN_BUILD_ID=\"{key[:12]}\"",
-                        f"-I{inc}", str(src / "mcpm_run.cc"), "-o", str(out / "mcpm-run.bin"),
+                        f"-I{inc}", str(src / "mcpm_run.cc"), str(src / "vision.cc"), "-o", str(out / "mcpm-run.bin"),
                         f"-L{libdir}", "-ltvm_runtime", "-ltvm_ffi"],
         "launcher.c": [_tool(f"{TRIPLE}-gcc"), *CFLAGS, *maps, str(src / "launcher.c"), "-o", str(out / "mcpm-run")],
     }

@@ -13,7 +13,7 @@ Bundle additions (next to the text model's files in the same staging directory):
   vision/lib/<backend>/vision.tar|so   function ``image_embed(patches, pos_interp, key_pos, params)``
   vision/lib/host/vision.so            x86_64 build: export-time parity check and ``mcpm-export run``
   vision/params/                       TVM tensor cache of vpm.* / resampler.* (float32)
-  vision/vision-config.json            config, slicing rule, special token ids, input spec
+  vision/vision-config.json            config, slicing rule, special token ids (incl. bos), input spec
   vision/key_pos.bin                   V1 only: fixed float32 [N, hidden] resampler key positions
 """
 from __future__ import annotations
@@ -188,7 +188,15 @@ def parity(runner: VisionRunner, vision: MiniCPMVVision, sizes=VERIFY_SIZES) -> 
     return {"images": rows, "rtol": PARITY_RTOL, "reference": "exporter/vision/model.py (PyTorch fp32)"}
 
 
-def _vision_config_json(vcfg: VisionConfig, tok: ImageTokens, libs: dict, prefix: str, key_pos) -> dict:
+def resize_pass_order() -> str:
+    """How this Pillow orders its two 8-bit resize passes (runner/vision.cc follows it): Pillow 13
+    (python-pillow/Pillow#9549) resizes vertically first when the height shrinks much more."""
+    import PIL
+    return "pillow>=13" if int(PIL.__version__.split(".")[0]) >= 13 else "pillow<13"
+
+
+def _vision_config_json(vcfg: VisionConfig, tok: ImageTokens, libs: dict, prefix: str, key_pos,
+                        bos: int | None = None) -> dict:
     return {
         "version": "mcpm-export/vision/1",
         "function": FUNCTION,
@@ -197,10 +205,11 @@ def _vision_config_json(vcfg: VisionConfig, tok: ImageTokens, libs: dict, prefix
                    "spec": "exporter/vision/preprocess.py"},
         "config": vcfg.to_dict(),
         "slicing": {"rule": "exporter/vision/slicing.py (OpenBMB slice_image)", "resize": "PIL bicubic",
+                    "resize_pass_order": resize_pass_order(),
                     "enabled": vcfg.slicing, "max_slice_nums": vcfg.max_slice_nums,
                     "scale_resolution": vcfg.scale_resolution, "patch_size": vcfg.patch},
         "tokens": {"im_start": tok.im_start, "im_end": tok.im_end, "slice_start": tok.slice_start,
-                   "slice_end": tok.slice_end, "unk": tok.unk, "newline": tok.newline,
+                   "slice_end": tok.slice_end, "unk": tok.unk, "newline": tok.newline, "bos": bos,
                    "layout": "[bos] <image> unk*Q </image> [<slice> rows of cells joined by newline </slice>] "
                              "newline text; features replace the unk embeddings after scale_emb"},
         "system_lib_prefix": prefix, "libs": libs,
@@ -224,8 +233,8 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
         raise ExportError(f"--backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
     ck = load_minicpmv(checkpoint_dir, recipe)
     vcfg, vision = ck.vision_config, ck.vision_model()
-    tok = ImageTokens.from_tokenizer(Tokenizer(ck.checkpoint.tokenizer_path),
-                                     ck.checkpoint.path / "tokenizer_config.json")
+    text_tok = Tokenizer(ck.checkpoint.tokenizer_path)
+    tok = ImageTokens.from_tokenizer(text_tok, ck.checkpoint.path / "tokenizer_config.json")
     triple, preset = pipeline.TRIPLES[platform], get_preset(soc)
     prefix = pipeline.system_lib_prefix(recipe.name) + "vision_"
     vdir = staging / VISION_DIR
@@ -261,7 +270,7 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
         key_pos.tofile(vdir / "key_pos.bin")
         key_pos_info = {"file": "key_pos.bin", "shape": list(key_pos.shape), "dtype": "float32"}
     (vdir / "vision-config.json").write_text(json.dumps(
-        _vision_config_json(vcfg, tok, libs, prefix, key_pos_info), indent=2, sort_keys=True) + "\n")
+        _vision_config_json(vcfg, tok, libs, prefix, key_pos_info, text_tok.bos_id), indent=2, sort_keys=True) + "\n")
     say("verify", "vision: host build vs PyTorch on a thumbnail-only and a sliced image")
     runner = VisionRunner(vdir / "lib" / "host" / "vision.so", [a for _, a in params], vcfg, key_pos)
     report = parity(runner, vision)
