@@ -282,10 +282,16 @@ TARGET_OPTIONS = {
     "android": [click.Option(["--backend"], type=click.Choice(["cpu", "opencl", "all"]), default="cpu",
                              show_default=True, help="aarch64 CPU code, OpenCL kernels, or both."),
                 click.Option(["--soc"], type=click.Choice(list(SOC_PRESETS)), default="generic",
-                             show_default=True, help="CPU preset (mcpu/mattr) from targets/tvm/presets.py.")],
+                             show_default=True, help="CPU preset (mcpu/mattr) from targets/tvm/presets.py."),
+                click.Option(["--vision-weights"], type=click.Choice(["q8", "fp32"]), default=None,
+                             help="MiniCPM-V vision encoder weights: int8 through the CPU microkernels "
+                                  "(default; recipe vision.weights) or fp32.")],
     "ios": [click.Option(["--deployment-target"], default="iOS18", show_default=True,
                          help="Minimum iOS of the .mlpackage; int4 weights and the KV-cache states "
-                              "need iOS18 or newer (docs/ios.md).")],
+                              "need iOS18 or newer (docs/ios.md)."),
+            click.Option(["--embedding"], type=click.Choice(["lut6", "int8", "int4"]), default=None,
+                         help="Tied embedding/head: 6-bit palettized (default for q4f16_e8 recipes), "
+                              "int8 or int4 (docs/ios.md).")],
 }
 TARGET_OPTIONS["harmony"] = TARGET_OPTIONS["android"]
 

@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from coremltools.converters.mil.mil import types
 
 from exporter import api
 from exporter.errors import ExportError
 from exporter.verify import verify_bundle
-from targets.coreml.convert import weight_file
+from targets.coreml.convert import LUT_EMBED_NAME, weight_file
 from targets.coreml.mil_interp import Interpreter
+from targets.coreml.palettize import packed_bytes
 from targets.coreml.target import PACKAGE
 from targets.coreml.verify import LOGIT_BOUND, check, numerics, structure
 
@@ -48,6 +48,9 @@ def test_bundle_layout_and_manifest(bundle, manifest):
     q = manifest["quality"]
     assert q["ppl_int4"] > q["ppl_fp"] > 1 and q["loss_pct"] <= q["threshold_pct"]
     assert f"{PACKAGE}/Data/com.apple.CoreML/weights/weight.bin" in manifest["files"]
+    embed = manifest["quantization"]["embedding"]
+    assert embed["kind"] == "lut6" and embed["bits"] == 6 and embed["op"] == "constexpr_lut_to_dense"
+    assert "32 hidden columns" in embed["lut"] and manifest["quantization"]["embedding_bits"] == 6
     assert verify_bundle(bundle) == []
     # package item identifiers are derived from paths, not random: rebuilds are byte-identical
     ids = json.loads((bundle / PACKAGE / "Manifest.json").read_text())["itemInfoEntries"]
@@ -58,21 +61,39 @@ def test_package_structure(interp):
     facts = structure(interp)
     assert set(facts["functions"]) == {"prefill", "decode"}
     assert facts["int4_weights"] == 8 * 7                 # every linear of every layer
-    assert facts["int8_weights"] == 1                     # tied embedding / head
+    assert facts["int8_weights"] == 0
+    assert facts["lut_weights"] == {LUT_EMBED_NAME + "_palettized":      # tied embedding / head
+                                    {"bits": 6, "lut_shape": [1, 256 // 32, 64, 1]}}
     assert facts["fp32_constants"] == []
+    assert structure(interp, "lut6") == facts
+    with pytest.raises(ExportError, match="lacks the int8 embedding"):
+        structure(interp, "int8")
+
+
+def blob_bytes(nbytes: int) -> int:
+    """weight.bin stores each blob behind a 64-byte header, padded to 64 bytes."""
+    return 64 + -(-nbytes // 64) * 64
 
 
 def test_weights_shared_and_small(bundle, manifest, interp):
-    """One copy of the weights for both functions, ~0.72 bytes/parameter (int8 embedding on tiny)."""
+    """weight.bin is exactly one copy of every constant in the format's layout (a duplicate between the
+    functions would add megabytes): 4,924,224 bytes = 0.647 bytes/parameter on tiny, of which the
+    6-bit embedding is 6 bits per weight + 8 tables of 64 float16 + one float16 scale per row."""
     wbytes = weight_file(bundle / PACKAGE).stat().st_size
     params = manifest["coreml"]["parameters"]
-    one_copy = 0
-    for op in interp.program.functions["decode"].operations:
-        if op.op_type == "constexpr_blockwise_shift_scale":
-            bits = 4 if op.data.dtype == types.int4 else 8
-            one_copy += op.data.val.size * bits // 8 + op.scale.val.size * 2
-    assert one_copy <= wbytes < 1.1 * one_copy            # a duplicate would double it
-    assert wbytes / params < 0.75
+    blobs = {}
+    for fn in interp.program.functions.values():
+        for op in fn.operations:
+            val = op.outputs[0].val
+            if op.op_type == "const" and isinstance(val, np.ndarray) and val.size >= 10:
+                bits = op.outputs[0].dtype.get_bitwidth()
+                blobs[(op.outputs[0].dtype, val.shape, val.tobytes())] = -(-val.size * bits // 8)
+    assert wbytes == 64 + sum(blob_bytes(b) for b in blobs.values())
+    ops = {op.name: op for op in interp.program.functions["decode"].operations}
+    lut_op = ops[LUT_EMBED_NAME + "_palettized"]
+    embed = [lut_op.indices, lut_op.lut, ops["b_embed_row_scale_to_fp16"].outputs[0]]
+    assert sum(-(-v.val.size * v.dtype.get_bitwidth() // 8) for v in embed) == packed_bytes(8192, 256)
+    assert wbytes == 4_924_224 and round(wbytes / params, 3) == 0.647
     assert manifest["coreml"]["bytes_per_parameter"] == round(wbytes / params, 4)
 
 

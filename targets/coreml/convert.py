@@ -2,8 +2,9 @@
 
 Steps: torch.export each function at its fixed token count (``prefill``: the recipe's
 prefill_chunk, ``decode``: 1) -> ct.convert with the KV cache as float16 states -> weight
-compression (linear weights int4 per-block 32; embedding / tied head 8-bit) -> one multifunction
-package whose functions share one copy of the weights (save_multifunction dedups constants).
+compression (linear weights int4 per-block 32; embedding / tied head 6-bit palettized, or int8 / int4)
+-> one multifunction package whose functions share one copy of the weights (save_multifunction dedups
+constants).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from exporter.errors import ExportError
 
+from .palettize import LUT_BITS, LUT_GROUP, lut_function
 from .wrapper import CoreMLMiniCPM
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -48,6 +50,7 @@ def quiet():
 MIN_IOS = 18
 BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
+LUT_EMBED_NAME = "p_embed_rows_to_fp16"      # CoreMLMiniCPM(row_scaled_embedding=True).embed_rows
 STATE_NAMES = ("key_cache", "value_cache")
 
 
@@ -92,46 +95,83 @@ def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool) -> "ct.mo
                           compute_precision=ct.precision.FLOAT16)
 
 
-def compression_config(mlmodel, embed_bits: int = 8) -> "cto.OptimizationConfig":
-    """int4 per-block for every 2-D linear weight; the embedding/head at ``embed_bits``; rest untouched."""
-    int4 = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4",
-                                       granularity="per_block", block_size=BLOCK_SIZE,
-                                       weight_threshold=0)
-    if embed_bits == 8:
-        embed = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                            granularity="per_channel", weight_threshold=0)
-    elif embed_bits == 4:
-        embed = int4
-    else:
-        raise ExportError(f"ios: embedding bits must be 4 or 8, got {embed_bits}")
+# Representations of the tied embedding / LM head: "lut6" (default of q4f16_e8), "int8", "int4".
+EMBEDDINGS = {
+    "lut6": {"scheme": "palettized", "bits": LUT_BITS, "op": "constexpr_lut_to_dense",
+             "lut": f"per_grouped_channel (axis 1): one table of {1 << LUT_BITS} float16 values "
+                    f"per {LUT_GROUP} hidden columns, 1-D k-means",
+             "row_scale": "float16 max|row| per token, multiplied after the gather and on the logits",
+             "tool": "coremltools.optimize.coreml.palettize_weights"},
+    "int8": {"scheme": "linear_symmetric", "bits": 8, "op": "constexpr_blockwise_shift_scale",
+             "granularity": "per_channel (row)",
+             "tool": "coremltools.optimize.coreml.linear_quantize_weights"},
+    "int4": {"scheme": "linear_symmetric", "bits": 4, "op": "constexpr_blockwise_shift_scale",
+             "granularity": f"per_block {BLOCK_SIZE}",
+             "tool": "coremltools.optimize.coreml.linear_quantize_weights"},
+}
+
+
+def _int4_config():
+    return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                       block_size=BLOCK_SIZE, weight_threshold=0)
+
+
+def compression_config(mlmodel, embedding: str = "lut6") -> "cto.OptimizationConfig":
+    """int4 per-block for every 2-D linear weight; the embedding/head per ``embedding`` (None when it
+    is palettized by a separate pass, see palettize_config); everything else untouched."""
+    if embedding not in EMBEDDINGS:
+        raise ExportError(f"ios: embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
+    embed = {"lut6": None, "int4": _int4_config(),
+             "int8": cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                                 granularity="per_channel", weight_threshold=0),
+             }[embedding]
     names: dict = {}
     for op in mlmodel._mil_program.functions["main"].operations:
         if op.op_type != "const":
             continue
         val = op.outputs[0].val
         users = {c.op_type for c in op.outputs[0].child_ops}
-        if op.name in EMBED_NAMES:
+        if op.name in EMBED_NAMES or op.name == LUT_EMBED_NAME:
             names[op.name] = embed
         elif isinstance(val, np.ndarray) and val.ndim == 2 and users == {"linear"}:
-            names[op.name] = int4
+            names[op.name] = _int4_config()
         else:
             names[op.name] = None
-    if not any(n in names for n in EMBED_NAMES):
-        raise ExportError(f"ios: converted program has no embedding constant {EMBED_NAMES[0]} "
+    want = (LUT_EMBED_NAME,) if embedding == "lut6" else EMBED_NAMES
+    if not any(n in names for n in want):
+        raise ExportError(f"ios: converted program has no embedding constant {want[0]} "
                           f"(coremltools/torch naming changed?)")
     return cto.OptimizationConfig(global_config=None, op_name_configs=names)
 
 
-def compress(mlmodel, embed_bits: int = 8):
+def palettize_config() -> "cto.OptimizationConfig":
+    """6-bit tables per group of LUT_GROUP hidden columns (axis 1), values from our own k-means.
+
+    No enable_per_channel_scale: for iOS < 26 coremltools folds that scale into the tables, repeating
+    them per row (8.4 MB of tables for tiny). The row scale is applied in the graph instead."""
+    lut = cto.OpPalettizerConfig(mode="custom", lut_function=lut_function,
+                                 granularity="per_grouped_channel", group_size=LUT_GROUP,
+                                 channel_axis=1, weight_threshold=0)
+    return cto.OptimizationConfig(global_config=None, op_name_configs={LUT_EMBED_NAME: lut})
+
+
+def compress(mlmodel, embedding: str = "lut6"):
+    config = compression_config(mlmodel, embedding)
     with quiet():
-        return cto.linear_quantize_weights(mlmodel, compression_config(mlmodel, embed_bits))
+        mlmodel = cto.linear_quantize_weights(mlmodel, config)
+        if embedding == "lut6":
+            mlmodel = cto.palettize_weights(mlmodel, palettize_config())
+    return mlmodel
 
 
-def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int | None = 8,
+def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str | None = "lut6",
                     progress=lambda stage, msg: None) -> Path:
     """Write ``out`` (an .mlpackage with functions ``prefill`` and ``decode``).
 
-    embed_bits None keeps every weight float16 (scheme fp16)."""
+    embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS."""
+    if (embedding == "lut6") != (model.embed_rows is not None):
+        raise ExportError("ios: the palettized embedding needs CoreMLMiniCPM(row_scaled_embedding=True) "
+                          "and only it")
     if chunk > model.context:
         raise ExportError(f"ios: prefill_chunk {chunk} exceeds the context window {model.context}")
     with tempfile.TemporaryDirectory(prefix="mcpm-coreml-") as tmp:
@@ -139,10 +179,10 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embed_bits: int
         for name, tokens, prefill in (("prefill", chunk, True), ("decode", 1, False)):
             progress("coreml", f"converting function '{name}' ({tokens} token(s))")
             mlmodel = convert_function(model, tokens, prefill)
-            if embed_bits is not None:
+            if embedding is not None:
                 progress("coreml", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
-                                   f"embedding {embed_bits}-bit)")
-                mlmodel = compress(mlmodel, embed_bits)
+                                   f"embedding {embedding})")
+                mlmodel = compress(mlmodel, embedding)
             parts[name] = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(parts[name]))
             del mlmodel

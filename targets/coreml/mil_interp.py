@@ -3,7 +3,9 @@
 The package is loaded back with coremltools' own MIL-proto reader, then every op of a function is
 evaluated in order. Ops reuse coremltools' per-op ``value_inference`` (the same code the
 converter uses for constant folding) with the runtime values plugged into the op's input vars;
-the rest is implemented here: state read/write, constexpr weight decompression, slice_update,
+the rest is implemented here: state read/write, constexpr weight decompression (each constexpr_* op's
+own ``materialized_val_inference``: int4/int8 constexpr_blockwise_shift_scale, constexpr_lut_to_dense
+with the uint6 indices the MIL-proto reader unpacks from weight.bin), slice_update,
 gather, and linear/matmul (float32 accumulation, result rounded to the op's float16 output, the
 way Core ML's GPU/ANE kernels store activations).
 """
@@ -121,7 +123,10 @@ class Interpreter:
             if op.op_type == "const":
                 self._consts[key] = op.outputs[0].val
             else:  # constexpr_*: decompress at "load time", as Core ML does
-                self._consts[key] = np.asarray(op.materialized_val_inference())
+                try:
+                    self._consts[key] = np.asarray(op.materialized_val_inference())
+                except (AttributeError, NotImplementedError):
+                    raise ExportError(f"mil_interp: cannot decompress '{op.name}' ({op.op_type})") from None
         return self._consts[key]
 
     def run(self, function: str, inputs: dict[str, np.ndarray],

@@ -20,7 +20,7 @@ from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from exporter.tokenizer import Tokenizer
 
 from .prequant import input_covariance, prequantize_state_dict
-from .convert import BLOCK_SIZE, MIN_IOS, build_mlpackage, io_spec, weight_file
+from .convert import BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, weight_file
 from .verify import check, numerics, package_state_dict, structure
 from .wrapper import CoreMLMiniCPM
 
@@ -28,7 +28,9 @@ PACKAGE = "MiniCPM.mlpackage"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 VERIFY_STEPS = 32
-EMBED_BITS = {"q4f16": 4, "q4f16_e8": 8}
+# Default embedding / tied head per scheme; the target option ``embedding`` (api.export(...,
+# embedding="int8")) picks another of convert.EMBEDDINGS.
+DEFAULT_EMBEDDING = {"q4f16": "int4", "q4f16_e8": "lut6"}
 
 CHUNKING_RULE = (
     "Split the prompt into chunks of prefill_chunk tokens. For each chunk call 'prefill' with "
@@ -53,34 +55,42 @@ class IOSTarget:
     name = "ios"
     allows_vision = False
 
-    def check_options(self, recipe, options: dict) -> tuple[int, int | None]:
-        """Refusals that need no model: vision recipes, too-old deployment targets.
+    def check_options(self, recipe, options: dict) -> tuple[int, str | None]:
+        """Refusals that need no model: vision recipes, too-old deployment targets, bad options.
 
-        Returns (deployment target major version, embedding bits or None for fp16)."""
+        Returns (deployment target major version, embedding kind or None for fp16)."""
         deployment_target = options.get("deployment_target")
         if recipe.is_vision:
             raise ExportError(f"ios: recipe '{recipe.name}' is a vision model; the iOS target is "
                               f"text only (export it for android or harmony)")
         ios = parse_deployment_target(deployment_target)
-        if recipe.quantization not in EMBED_BITS and recipe.quantization != "fp16":
+        if recipe.quantization not in DEFAULT_EMBEDDING and recipe.quantization != "fp16":
             raise ExportError(f"ios: recipe '{recipe.name}' uses scheme '{recipe.quantization}', "
                               f"which the Core ML target does not support")
-        embed_bits = EMBED_BITS.get(recipe.quantization)
+        embedding = DEFAULT_EMBEDDING.get(recipe.quantization)
+        if options.get("embedding"):
+            if embedding is None:
+                raise ExportError(f"ios: recipe '{recipe.name}' keeps float16 weights; the embedding "
+                                  f"option needs an int4 scheme")
+            if options["embedding"] not in EMBEDDINGS:
+                raise ExportError(f"ios: embedding '{options['embedding']}': expected one of "
+                                  f"{', '.join(EMBEDDINGS)}")
+            embedding = options["embedding"]
         if ios < MIN_IOS:
-            why = ("int4 weights (constexpr_blockwise_shift_scale) need" if embed_bits
+            why = ("int4 weights (constexpr_blockwise_shift_scale) need" if embedding
                    else "the stateful KV cache (Core ML states) needs")
             raise ExportError(f"ios: --deployment-target iOS{ios} is too old: {why} iOS {MIN_IOS} "
                               f"or newer (recipe '{recipe.name}', scheme {recipe.quantization})")
-        return ios, embed_bits
+        return ios, embedding
 
     def build(self, ctx, staging: Path) -> dict:
         recipe, cfg = ctx.recipe, ctx.config
-        ios, embed_bits = self.check_options(recipe, ctx.options)
+        ios, embedding = self.check_options(recipe, ctx.options)
         if ios != MIN_IOS:
             ctx.progress.log(f"note: the package targets iOS {MIN_IOS} (runs on iOS {ios})")
         package = staging / PACKAGE
         source = ctx.reference
-        if embed_bits:
+        if embedding:
             with ctx.progress.stage("coreml prequantize"):
                 tok = Tokenizer(ctx.tokenizer_path)
                 calib = tok.encode(CALIBRATION_TEXT.read_text())
@@ -91,27 +101,29 @@ class IOSTarget:
                 source = MiniCPM.from_state_dict(cfg, state)
                 del cov, state
         with ctx.progress.stage("coreml convert"):
-            model = CoreMLMiniCPM(source, recipe.context_window).eval()
-            build_mlpackage(model, recipe.prefill_chunk, package, embed_bits,
+            model = CoreMLMiniCPM(source, recipe.context_window,
+                                  row_scaled_embedding=embedding == "lut6").eval()
+            build_mlpackage(model, recipe.prefill_chunk, package, embedding,
                             progress=lambda _stage, msg: ctx.progress.log(msg))
             del model, source
             deterministic_package_manifest(package)
         self._copy_side_files(ctx, staging)
         with ctx.progress.stage("coreml verify"):
-            verification, quality = self._verify(ctx, package, embed_bits)
+            verification, quality = self._verify(ctx, package, embedding)
         n_params = sum(p.numel() for p in ctx.reference.parameters())
         wbytes = weight_file(package).stat().st_size
         ctx.progress.log(f"weight.bin {wbytes / 1e6:.2f} MB = {wbytes / n_params:.3f} bytes/parameter")
-        compression = ("none (float16)" if embed_bits is None else
+        embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
+        compression = ("none (float16)" if embedding is None else
                        f"linear weights int4 linear_symmetric per_block {BLOCK_SIZE}, values "
                        f"chosen beforehand by GPTQ rounding with activation-aware clipped scales "
-                       f"(targets/coreml/prequant.py); embedding/head "
-                       + (f"int4 per_block {BLOCK_SIZE}" if embed_bits == 4 else "int8 per_channel"))
+                       f"(targets/coreml/prequant.py); embedding/head {embedding}")
         return {
             "backend": "coreml",
             "quantization": {"scheme": recipe.quantization, "coreml": compression,
                              "tool": "coremltools.optimize.coreml.linear_quantize_weights",
-                             "block_size": BLOCK_SIZE, "embedding_bits": embed_bits or 16},
+                             "block_size": BLOCK_SIZE, "embedding_bits": embed["bits"],
+                             "embedding": {"kind": embedding or "fp16", **embed}},
             "quality": quality,
             "coreml": {
                 "package": PACKAGE,
@@ -144,12 +156,12 @@ class IOSTarget:
                                                         sort_keys=True) + "\n")
 
     @staticmethod
-    def _verify(ctx, package: Path, embed_bits) -> tuple[dict, dict]:
+    def _verify(ctx, package: Path, embedding) -> tuple[dict, dict]:
         from .mil_interp import Interpreter
 
         recipe, cfg = ctx.recipe, ctx.config
         interp = Interpreter.from_package(package)
-        facts = structure(interp) if embed_bits else {"functions": sorted(interp.program.functions)}
+        facts = structure(interp, embedding) if embedding else {"functions": sorted(interp.program.functions)}
         tok = Tokenizer(ctx.tokenizer_path)
         calib = tok.encode(CALIBRATION_TEXT.read_text())
         names = list(ctx.reference.state_dict())
@@ -162,7 +174,7 @@ class IOSTarget:
                          f"max |logit diff| {report.max_abs_logit_diff:.4f} (bound {report.logit_bound})")
         quality = dict(ctx.quality)
         gate_ids, windows = calib[512 * recipe.calibration_windows:], recipe.gate_windows
-        if embed_bits and windows and len(gate_ids) >= 512:
+        if embedding and windows and len(gate_ids) >= 512:
             coreml_ref = MiniCPM.from_state_dict(cfg, package_state_dict(interp, names))
             ppl_fp = quality.get("ppl_fp") or perplexity(ctx.reference, gate_ids, count=windows)
             ppl_q = perplexity(coreml_ref, gate_ids, count=windows)

@@ -1,7 +1,8 @@
 """Check a saved .mlpackage on Linux: structure, then numbers via the NumPy MIL interpreter.
 
 Structure: functions ``prefill``/``decode`` present, the KV-cache states present in both, int4
-weights held as constexpr_blockwise_shift_scale, no float32 weight blobs left.
+weights held as constexpr_blockwise_shift_scale, the embedding as one of those or as a palettized
+constexpr_lut_to_dense, no float32 weight blobs left.
 
 Numbers: prefill (in chunks, the way an app drives it, see docs/ios.md) then greedy decode steps
 through the package's own states, compared with the PyTorch reference model loaded with the
@@ -20,8 +21,9 @@ from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
 
-from .convert import STATE_NAMES
+from .convert import LUT_EMBED_NAME, STATE_NAMES
 from .mil_interp import Interpreter
+from .palettize import LUT_BITS
 
 FUNCTIONS = ("prefill", "decode")
 # Core ML computes activations in float16; the reference in float32 with identical weights.
@@ -29,15 +31,17 @@ FUNCTIONS = ("prefill", "decode")
 LOGIT_BOUND = 0.25
 
 
-def structure(interp: Interpreter) -> dict:
-    """Structural facts about the program; raises ExportError when something required is absent."""
+def structure(interp: Interpreter, embedding: str | None = None) -> dict:
+    """Structural facts about the program; raises ExportError when something required is absent.
+
+    ``embedding`` "lut6" also requires the 6-bit palettized embedding, "int8" an int8 one."""
     prog = interp.program
     for name in FUNCTIONS:
         if name not in prog.functions:
             raise ExportError(f"Core ML package lacks function '{name}' "
                               f"(has: {', '.join(prog.functions)})")
     facts = {"functions": sorted(prog.functions), "int4_weights": 0, "int8_weights": 0,
-             "fp32_constants": []}
+             "lut_weights": {}, "fp32_constants": []}
     for name in FUNCTIONS:
         fn = prog.functions[name]
         states = [n for n, v in fn.inputs.items() if types.is_state(v.sym_type)]
@@ -45,8 +49,12 @@ def structure(interp: Interpreter) -> dict:
             raise ExportError(f"Core ML function '{name}' has states {states}, expected {list(STATE_NAMES)}")
         for op in fn.operations:
             if op.op_type == "constexpr_blockwise_shift_scale" and name == "decode":
-                key = "int4_weights" if op.data.dtype == types.int4 else "int8_weights"
-                facts[key] += 1
+                bits = op.data.dtype.get_bitwidth() if types.is_int(op.data.dtype) else None
+                if bits in (4, 8):
+                    facts[f"int{bits}_weights"] += 1
+            elif op.op_type == "constexpr_lut_to_dense" and name == "decode":
+                facts["lut_weights"][op.name] = {"bits": op.indices.dtype.get_bitwidth(),
+                                                 "lut_shape": list(op.lut.shape)}
             elif op.op_type == "const":
                 val = op.outputs[0].val
                 if isinstance(val, np.ndarray) and val.dtype == np.float32 and val.size > 1:
@@ -55,6 +63,12 @@ def structure(interp: Interpreter) -> dict:
         raise ExportError(f"Core ML package keeps float32 weights: {facts['fp32_constants'][:3]}")
     if facts["int4_weights"] == 0:
         raise ExportError("Core ML package has no int4 (constexpr_blockwise_shift_scale) weights")
+    lut = facts["lut_weights"].get(LUT_EMBED_NAME + "_palettized", {})
+    if embedding == "lut6" and lut.get("bits") != LUT_BITS:
+        raise ExportError(f"Core ML package lacks the {LUT_BITS}-bit palettized embedding "
+                          f"(constexpr_lut_to_dense '{LUT_EMBED_NAME}_palettized'): {lut or 'absent'}")
+    if embedding == "int8" and facts["int8_weights"] == 0:
+        raise ExportError("Core ML package lacks the int8 embedding (constexpr_blockwise_shift_scale)")
     return facts
 
 
@@ -73,6 +87,12 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
     for canon in names:
         base = mil_const_name(canon)
         op = by_name.get(base + "_quantized", by_name.get(base))
+        if canon == "tok_embeddings.weight" and LUT_EMBED_NAME + "_palettized" in by_name:
+            rows = interp.constant(function, by_name[LUT_EMBED_NAME + "_palettized"])
+            scale = interp.constant(function, by_name["b_embed_row_scale_to_fp16"])
+            rows, scale = np.asarray(rows, np.float32), np.asarray(scale, np.float32)
+            out[canon] = torch.from_numpy(rows * scale[:, None])
+            continue
         if op is None:
             raise ExportError(f"Core ML package has no constant for weight '{canon}' ({base})")
         out[canon] = torch.from_numpy(np.asarray(interp.constant(function, op), dtype=np.float32))

@@ -5,12 +5,18 @@ Core ML states are fixed-shape tensors updated in place, so the cache lives in t
 writes with a slice assignment at ``start_pos`` (converted to ``slice_update`` + state write).
 Weights and maths are the reference model's own modules (exporter/model.py); only the cache
 handling and the attention layout (grouped heads, additive mask over the whole window) differ.
+
+``row_scaled_embedding``: the tied embedding is held as ``embed_rows`` (every row divided by its
+float16 max |w|, the matrix the converter palettizes, see palettize.py) times ``embed_row_scale``,
+applied after the gather and on the logits. Same maths; it keeps one look-up table per group of
+columns valid for all rows, which Core ML on iOS 18 cannot express as a constexpr scale.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from exporter.errors import ExportError
 from exporter.model import MiniCPM, apply_rope, rope_tables
 
 MASK_VALUE = -1.0e4  # additive mask; fits float16, exp() of it is 0
@@ -23,12 +29,21 @@ class CoreMLMiniCPM(nn.Module):
     ``last_index`` None (decode): logits [1, T, vocab].
     """
 
-    def __init__(self, ref: MiniCPM, context: int):
+    def __init__(self, ref: MiniCPM, context: int, row_scaled_embedding: bool = False):
         super().__init__()
         cfg = ref.cfg
         self.cfg, self.context = cfg, context
         self.tok_embeddings, self.layers, self.norm = ref.tok_embeddings, ref.layers, ref.norm
         self.output = ref.output
+        self.embed_rows = None
+        if row_scaled_embedding:
+            if self.output is not None:
+                raise ExportError("ios: the palettized embedding (lut6) needs tied embeddings; "
+                                  "use embedding='int8'")
+            rows, scale = split_row_scale(ref.tok_embeddings.weight.detach())
+            self.embed_rows = nn.Parameter(rows, requires_grad=False)
+            self.register_buffer("embed_row_scale", scale, persistent=False)
+            self.tok_embeddings = None
         cache_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
         # float32 here; the converter stores them as float16 Core ML states.
         self.register_buffer("key_cache", torch.zeros(cache_shape), persistent=False)
@@ -70,7 +85,11 @@ class CoreMLMiniCPM(nn.Module):
         torch._check(start + T <= self.context)
         pos = start_pos + torch.arange(T, dtype=torch.int32)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        h = self.tok_embeddings(input_ids) * self.cfg.scale_emb
+        if self.embed_rows is None:
+            h = self.tok_embeddings(input_ids) * self.cfg.scale_emb
+        else:
+            rows = torch.nn.functional.embedding(input_ids, self.embed_rows)
+            h = rows * (self.embed_row_scale[input_ids] * self.cfg.scale_emb)[..., None]
         for i, layer in enumerate(self.layers):
             a = self._attention(i, layer.attention, layer.attention_norm(h), cos, sin, start, pos)
             h = h + a * layer.residual_scale
@@ -78,5 +97,15 @@ class CoreMLMiniCPM(nn.Module):
         if last_index is not None:
             h = torch.index_select(h, 1, last_index)
         h = self.norm(h) / self.cfg.logit_scale
+        if self.embed_rows is not None:
+            return torch.nn.functional.linear(h, self.embed_rows) * self.embed_row_scale
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return torch.nn.functional.linear(h, head)
+
+
+def split_row_scale(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [rows, cols] -> (weight / max|row|, max|row|), both float16-exact (returned as float32)."""
+    w = weight.half()
+    scale = w.abs().amax(1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (w / scale[:, None]).float(), scale.float()
