@@ -4,7 +4,12 @@ Random weights at MiniCPM-V 2.0's real widths (SigLIP so400m 1152/16 heads/4304,
 but only --depth ViT blocks (default 1): the per-block cost is measured and the 26-block encoder
 extrapolated. One 448x448 slice = 32x32 = 1024 tokens.
 
-    python bench/vision_host.py [--depth 1] [--repeat 3]
+    python bench/vision_host.py [--depth 1] [--repeat 3] [--skip-onnx]
+
+TVM rows: fp32 weights (the bundle's host target x86-64-v3) and q8 weights (targets/tvm/vision_q8.py) for
+this machine's CPU (AVX-512 VNNI here) and for x86-64-v3 (no VNNI: the AVX2 tile). Also printed:
+q8 parity (vs PyTorch on the dequantized weights and vs fp32) and the vision weight bytes of the full
+26-block so400m + resampler, fp32 vs q8 (one block's bytes times 26).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-onnx", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -60,18 +66,41 @@ def main() -> None:
 
     with torch.no_grad():
         row("PyTorch fp32 (2 threads)", timed(lambda: enc(*targs), a.repeat))
-    from exporter.vision.onnx_ref import OnnxVision, export_onnx
-    with tempfile.TemporaryDirectory() as d:
-        sess = OnnxVision(export_onnx(vision, Path(d) / "v.onnx"), cfg)
-        row("onnxruntime CPU (2 threads)", timed(lambda: sess.embed_one(img), a.repeat))
-    from targets.tvm import pipeline
-    t0 = time.perf_counter()
-    mod, params = export_ir(vision)
-    ex = compile_vision(mod, pipeline.make_target("cpu", pipeline.HOST_TARGET))
-    compile_s = time.perf_counter() - t0
-    runner = VisionRunner(ex, [p for _, p in params], cfg)
-    row("TVM host build (targets/tvm/vision_schedule.py)", timed(lambda: runner.embed_one(img), a.repeat))
-    print(f"\nTVM import + compile of the vision graph: {compile_s:.1f} s")
+    if not a.skip_onnx:
+        from exporter.vision.onnx_ref import OnnxVision, export_onnx
+        with tempfile.TemporaryDirectory() as d:
+            sess = OnnxVision(export_onnx(vision, Path(d) / "v.onnx"), cfg)
+            row("onnxruntime CPU (2 threads)", timed(lambda: sess.embed_one(img), a.repeat))
+    from targets.tvm import kernels, pipeline
+    from targets.tvm_vision import dequantized_vision
+    notes, outs = [], {}
+    for weights, name, target in (
+            ("fp32", "TVM fp32 weights, x86-64-v3 (targets/tvm/vision_schedule.py)", pipeline.HOST_TARGET),
+            ("q8", f"TVM q8 weights, host CPU ({kernels.isa_of(kernels.host_target())} tile)", None),
+            ("q8", "TVM q8 weights, x86-64-v3 (avx2 tile)", pipeline.HOST_TARGET)):
+        t0 = time.perf_counter()
+        mod, params = export_ir(vision, weights)
+        tgt = kernels.host_target() if target is None else pipeline.make_target("cpu", target)
+        ex = compile_vision(mod, tgt)
+        with tempfile.TemporaryDirectory() as d:
+            ex.export_library(str(Path(d) / "v.so"))      # q8: the microkernels are an external object
+            runner = VisionRunner(Path(d) / "v.so", [p for _, p in params], cfg)
+            notes.append(f"{name}: import + compile {time.perf_counter() - t0:.1f} s")
+            row(name, timed(lambda: runner.embed_one(img), a.repeat))
+            outs[(weights, target is None)] = (runner.embed_one(img), params)
+    with torch.no_grad():
+        ref = enc(*targs).numpy()
+        got, params = outs[("q8", True)]
+        deq = VisionEncoder(dequantized_vision(vision, params))(*targs).numpy()
+    rel = lambda x, y: float(np.abs(x - y).max() / np.abs(y).max())  # noqa: E731
+    print(f"\nq8 (host CPU) max rel err: vs PyTorch on dequantized q8 weights {rel(got, deq):.2e}, "
+          f"vs fp32 weights {rel(got, ref):.2e}; fp32 TVM vs PyTorch {rel(outs[('fp32', False)][0], ref):.2e}")
+    print("\n".join(notes))
+    per_block = lambda ps: sum(p.nbytes for n, p in ps if n.startswith("vpm.blocks."))  # noqa: E731
+    for weights in ("fp32", "q8"):
+        ps = outs[(weights, weights == "q8")][1]
+        total = sum(p.nbytes for _, p in ps) + per_block(ps) / a.depth * (26 - a.depth)
+        print(f"vision weights, 26-block so400m + resampler, {weights}: {total / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
