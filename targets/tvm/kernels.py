@@ -44,7 +44,7 @@ from tvm.script import tirx as T
 from exporter.errors import ExportError
 
 SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"
-ROWS_PER_TASK = 16           # weight rows handed to a thread at a time
+ROWS_PER_TASK = 16           # min weight rows per task (q4_matmul.c raises it to TASK_BYTES of weights)
 PARALLEL_SLOTS = 64          # parallel-loop extent: >= the thread count of any CPU we target
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcpm-export" / "kernels"
 

@@ -63,16 +63,29 @@ typedef struct {
 #define KSYM(name) KCAT(MCPM_KPREFIX, name)
 #define KEXPORT __attribute__((weak, visibility("hidden")))
 
-/* Software prefetch of the weight stream, PF_DIST bytes ahead (rows are contiguous, so it runs on into
- * the next row).  Decode is a pure stream over the weights and the hardware prefetcher alone left a
- * core at ~2/3 of its read bandwidth: 2B-shaped decode GEMVs, one thread, 9.8 -> 13.9 GB/s with
- * 1024 bytes (bench/RESULTS.md).  The aarch64 distance is a conventional value, not measured here. */
+/* Decode streams the weights once per token, so two things decide its speed (bench/kernel_stream.py,
+ * 2B-shaped decode GEMVs, bench/RESULTS.md):
+ * - software prefetch PF_DIST bytes ahead (rows are contiguous, so it runs on into the next row), into
+ *   L2 (locality 2) on x86: the hardware prefetcher alone left a core at 2/3 of its read bandwidth;
+ * - tasks of at least TASK_BYTES of weights taken from the shared row counter: long sequential runs
+ *   per thread (16-row tasks held 2 threads at 73% of a plain read, 256 KB tasks reach ~85%).
+ * x86: 1 thread 9.8 -> 15 GB/s, 2 threads 16 -> 24 GB/s.  The aarch64 values are conventional ones,
+ * smaller tasks for the 4-8 unequal cores of phones; not measured here (no phone). */
 #if defined(__x86_64__)
-#define PF_DIST 1024
+#define PF_DIST 4096
+#define PF_LOCALITY 2
+#define TASK_BYTES 262144
 #else
 #define PF_DIST 512
+#define PF_LOCALITY 3
+#define TASK_BYTES 65536
 #endif
-#define PREFETCH(p) __builtin_prefetch((const char*)(p) + PF_DIST, 0, 3)
+#define PREFETCH(p) __builtin_prefetch((const char*)(p) + PF_DIST, 0, PF_LOCALITY)
+
+/* Rows per task for weight rows of row_bytes: at least `chunk`, at least TASK_BYTES. */
+static inline int32_t task_rows(int32_t chunk, int64_t row_bytes) {
+  return chunk * row_bytes >= TASK_BYTES ? chunk : (int32_t)((TASK_BYTES + row_bytes - 1) / row_bytes);
+}
 
 /* IEEE half -> float, portable (used for tails and the portable path). */
 static float h2f(uint16_t h) {
@@ -537,6 +550,7 @@ KEXPORT int32_t KSYM(counter_reset)(DLT* c) {
 KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* nb, const DLT* xd, DLT* y,
                            DLT* cnt, int32_t chunk) {
   const int32_t n_out = (int32_t)y->shape[1];
+  chunk = task_rows(chunk, qw->shape[1] * 4);
   for (;;) {
     const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
     if (r0 >= n_out) return 0;
@@ -547,6 +561,7 @@ KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
 KEXPORT int32_t KSYM(q8_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq, const DLT* xd, DLT* y, DLT* cnt,
                            int32_t chunk) {
   const int32_t n_out = (int32_t)y->shape[1];
+  chunk = task_rows(chunk, qw->shape[1]);
   for (;;) {
     const int32_t r0 = __atomic_fetch_add(PTR(int32_t, cnt), chunk, __ATOMIC_RELAXED);
     if (r0 >= n_out) return 0;
