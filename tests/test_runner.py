@@ -47,7 +47,7 @@ def dev_syslib_bundle(tmp_path_factory):
     return out, params
 
 
-def run(runner: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+def run(runner: Path, *args, timeout=900) -> subprocess.CompletedProcess:
     # the launcher is a static aarch64 ELF; qemu runs it (and, via its ENOEXEC fallback, the loader)
     return subprocess.run([QEMU, str(runner / "mcpm-run"), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from exporter.vision import preprocess as pp
 from exporter.vision.config import VisionConfig
 from exporter.vision.slicing import ImageTokens, build_prompt, plan_image, slice_images
 from runner import build
+from test_runner import run, run_json   # the runner under qemu, one JSON line
 
 QEMU = "qemu-aarch64-static"
 pytestmark = pytest.mark.skipif(
@@ -48,19 +48,6 @@ RESIZE_SIZES = [(1344, 896), (300, 1200), (1000, 700), (4000, 200), (200, 4000),
 @pytest.fixture(scope="module")
 def runner_dir() -> Path:
     return build.build_runner()
-
-
-def run(runner: Path, *args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([QEMU, str(runner / "mcpm-run"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_json(runner: Path, *args) -> dict:
-    proc = run(runner, *args)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout
-    return json.loads(lines[0])
 
 
 def config_bundle(root: Path, version: int) -> tuple[Path, VisionConfig]:
