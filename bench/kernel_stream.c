@@ -31,7 +31,12 @@ static float *xd, *y, *x;
 static pthread_barrier_t bar;
 static volatile int which = -1;
 
-static DLT t1(void* p, const int64_t* sh, int nd) { DLT t; memset(&t, 0, sizeof t); t.data = p; t.shape = sh; t.ndim = nd; return t; }
+static DLT t1(void* p, const int64_t* sh, int nd) {
+  DLT t;
+  memset(&t, 0, sizeof t);
+  t.data = p; t.shape = sh; t.ndim = nd;
+  return t;
+}
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 
 static void gemv(const Mat* M) {

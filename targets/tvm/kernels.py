@@ -17,8 +17,8 @@ names carry ``kernel_prefix(target)``, a hash of source and flags); the
 threads of a ``T.parallel`` loop (TVM's thread pool, TVM_NUM_THREADS) take weight rows in chunks from
 an atomic counter (dynamic split: a slow or descheduled core does not stall the others). The C is compiled by clang
 for the build target (ISA from its mtriple/mcpu/mattr: AVX-512 VNNI, AVX-512BW, AVX2, NEON,
-NEON+dotprod, NEON+dotprod+i8mm (prefill), portable C; see ``isa_of``) and attached to the module as an external object
-(``external_mods``), so ``export_library`` links it into the model library, .so or system-lib .tar.
+NEON+dotprod, NEON+dotprod+i8mm (prefill), portable C; see ``isa_of``) and attached to the module as an
+external object (``external_mods``), so ``export_library`` links it into the model library, .so or system-lib .tar.
 
 Numerics: like llama.cpp's Q4_0 x Q8_0 the activations are rounded to int8 per 32-group (relative
 error ~ 5e-3 on random data); tests/test_tvm_kernels.py states the tolerance against numpy
@@ -301,7 +301,8 @@ class _Rewriter:
         quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind, self.prefix)),
                                   relax.Tuple([x2]), acts)
         ins = [qw, sc] + [relax.TupleGetItem(quant, i) for i in range(len(acts))]
-        res = relax.op.call_tir(self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind, self.prefix)), relax.Tuple(ins),
+        rows_fn = self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind, self.prefix))
+        res = relax.op.call_tir(rows_fn, relax.Tuple(ins),
                                 [relax.TensorType([rows, n_out], f32), relax.TensorType([1], i32)])
         y2 = relax.TupleGetItem(res, 0)
         self.count += 1
