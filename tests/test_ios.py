@@ -197,3 +197,47 @@ def test_corrupt_checkpoint(tiny_copy, tmp_path):
         api.export("ios", "tiny", checkpoint=tiny_copy, out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
     assert not list(tmp_path.glob(".b.partial-*"))
+
+
+def test_lean_coremltools_checks_match_originals(monkeypatch):
+    """convert.lean_memory swaps coremltools' fp16-overflow check and const_deduplication's allclose
+    for sliced versions (memory, docs/ios.md): they must answer exactly like the originals."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from targets.coreml import convert
+
+    monkeypatch.setattr(convert, "CHUNK", 7)                  # force several slices
+    rng = np.random.default_rng(0)
+    cases = []
+    for extra in ([], [70000.0], [-65505.0], [np.inf, -np.inf, np.nan], [65504.0], [2e38, 70000.0],
+                  [3e38]):
+        v = rng.normal(0, 100, 40).astype(np.float32)
+        v[rng.choice(40, len(extra), replace=False)] = extra
+        cases.append(v.reshape(5, 8))
+    for v in cases:
+        @mb.program(input_specs=[mb.TensorSpec(shape=(5, 8))])
+        def prog(x):
+            return mb.add(x=x, y=v)
+        op = next(o for o in prog.functions["main"].operations if o.op_type == "add")
+        assert convert._lean_fp16_overflow(op) == FP16ComputePrecision.fp16_overflow(op), v
+    for a, b in [(cases[0], cases[0] + 1e-13), (cases[0], cases[0] + 1e-3), (cases[2], cases[2].copy()),
+                 (cases[0].astype(np.uint8), cases[0].astype(np.uint8))]:
+        for atol in (6e-8, 1e-12, 1e-2):
+            assert convert._lean_allclose(a, b, rtol=0.0, atol=atol) == np.allclose(a, b, rtol=0.0, atol=atol)
+
+
+def test_spill_weights_keeps_values_and_maps_files(tmp_path):
+    """Spilled parameters: same values, shapes, dtypes and sharing; backed by the files (mapped)."""
+    from targets.coreml.convert import SPILL_MIN, spill_weights
+
+    big, small = torch.nn.Linear(1024, SPILL_MIN // 1024, bias=False), torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(big, small, big)              # one parameter used twice
+    before = [p.detach().clone() for p in model.parameters()]
+    assert spill_weights(model, tmp_path) == SPILL_MIN * 4
+    assert list(tmp_path.iterdir()) == []                     # unlinked at once, mapping kept
+    assert model[0].weight is model[2].weight and not model[0].weight.requires_grad
+    for p, q in zip(model.parameters(), before):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+    with open("/proc/self/maps") as f:
+        assert sum(str(tmp_path) in line and "(deleted)" in line for line in f) >= 1

@@ -123,3 +123,18 @@ def test_verification_catches_a_wrong_scaling(bundle, tiny):
                       512, 64, steps=4)
     with pytest.raises(ExportError, match="differ from the PyTorch int4 reference"):
         check(report, bundle)
+
+
+def test_interpreter_decompresses_weights_once_as_coremltools_does(bundle):
+    """The interpreter's own 6-bit table look-up equals coremltools' decompression, and prefill and
+    decode get one shared copy of every decompressed weight (not one per function)."""
+    from targets.coreml.mil_interp import _lut_to_dense
+
+    interp = Interpreter.from_package(bundle / PACKAGE)
+    ops = {name: {op.name: op for op in fn.operations if op.op_type.startswith("constexpr_")}
+           for name, fn in interp.program.functions.items()}
+    lut_op = ops["decode"][LUT_EMBED_NAME + "_palettized"]
+    assert np.array_equal(_lut_to_dense(lut_op), lut_op.materialized_val_inference())
+    assert len(ops["decode"]) == len(ops["prefill"]) == 8 * 7 + 1
+    for name, op in ops["decode"].items():
+        assert interp.constant("decode", op) is interp.constant("prefill", ops["prefill"][name]), name

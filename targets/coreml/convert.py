@@ -5,10 +5,15 @@ prefill_chunk, ``decode``: 1) -> ct.convert with the KV cache as float16 states 
 compression (linear weights int4 per-block 32; embedding / tied head 6-bit palettized, or int8 / int4)
 -> one multifunction package whose functions share one copy of the weights (save_multifunction dedups
 constants).
+
+Memory (docs/ios.md, bench/RESULTS.md): the float32 torch weights can be mapped from files
+(spill_weights), two coremltools helpers that make full-size temporaries of every weight are swapped
+for sliced equivalents (lean_memory), and compression reloads the package once for both passes.
 """
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import shutil
 import tempfile
@@ -47,6 +52,65 @@ def quiet():
         torch_ops._tqdm, pass_pipeline.tqdm, _quantization_passes.tqdm = saved
 
 
+CHUNK = 1 << 22   # elements per slice in the lean checks below
+
+
+def _lean_fp16_overflow(op) -> bool:
+    """FP16ComputePrecision.fp16_overflow without its full-size temporaries.
+
+    coremltools computes ``max(|v|[np.where(|v| < 1e38)]) > 65504`` for every float32 constant an
+    op reads: |v|, a mask, two int64 index arrays and a gathered copy, about 6 float32 copies of the
+    constant at once (6.8 GB for MiniCPM-2B's embedding; the peak of ct.convert). Same answer,
+    computed a slice at a time."""
+    for inputs in op.inputs.values():
+        for var in (inputs if isinstance(inputs, (list, tuple)) else [inputs]):
+            if var.op is None or var.op.op_type != "const" or not var.is_tensor_or_scalar_of(dtype="fp32"):
+                continue
+            flat = np.asarray(var.op.val.val).reshape(-1)
+            for s in range(0, flat.size, CHUNK):
+                a = np.abs(flat[s:s + CHUNK])
+                if np.any((a > 65504) & (a < 1e38)):
+                    return True
+    return False
+
+
+def _lean_allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False) -> bool:
+    """np.allclose a slice at a time (const_deduplication compares whole weights with it: several
+    float64 temporaries of the 283M-value embedding when merging the functions)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.size <= CHUNK:
+        return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return all(np.allclose(fa[s:s + CHUNK], fb[s:s + CHUNK], rtol=rtol, atol=atol, equal_nan=equal_nan)
+               for s in range(0, fa.size, CHUNK))
+
+
+class _LeanNumpy:
+    """numpy for coremltools' const_deduplication module, with the sliced allclose."""
+
+    allclose = staticmethod(_lean_allclose)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@contextmanager
+def lean_memory():
+    """Swap two memory-hungry coremltools helpers for equivalent sliced ones (see above)."""
+    import importlib
+    quantization = importlib.import_module("coremltools.converters.mil.mil.passes.defs.quantization")
+    const_deduplication = importlib.import_module(
+        "coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
+
+    saved = (quantization.FP16ComputePrecision.__dict__["fp16_overflow"], const_deduplication.np)
+    quantization.FP16ComputePrecision.fp16_overflow = staticmethod(_lean_fp16_overflow)
+    const_deduplication.np = _LeanNumpy()
+    try:
+        yield
+    finally:
+        quantization.FP16ComputePrecision.fp16_overflow, const_deduplication.np = saved
+
+
 MIN_IOS = 18
 BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
@@ -75,7 +139,8 @@ def io_spec(cfg, context: int, chunk: int) -> dict:
     }
 
 
-def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool) -> "ct.models.MLModel":
+def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool,
+                     progress=lambda stage, msg: None) -> "ct.models.MLModel":
     """One fixed-shape function, float16, KV cache as states (not yet compressed)."""
     zeros = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
     example = (zeros(1, tokens), zeros(1)) + ((zeros(1),) if prefill else ())
@@ -87,8 +152,10 @@ def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool) -> "ct.mo
                                                       dtype=np.float16), name=n)
               for n in STATE_NAMES]
     model.reset()
-    with torch.no_grad(), quiet():
+    with torch.no_grad(), quiet(), lean_memory():
+        progress("export", "torch.export + run_decompositions")
         program = torch.export.export(model, example).run_decompositions({})
+        progress("convert", "ct.convert")
         return ct.convert(program, inputs=inputs, states=states,
                           outputs=[ct.TensorType(name="logits", dtype=np.float16)],
                           minimum_deployment_target=ct.target.iOS18,
@@ -156,44 +223,120 @@ def palettize_config() -> "cto.OptimizationConfig":
 
 
 def compress(mlmodel, embedding: str = "lut6"):
+    """The passes of cto.linear_quantize_weights and cto.palettize_weights, run together.
+
+    Each public function reloads the whole float16 program from the saved package while the caller's
+    model still holds its own in-memory copy, and writes a new package. Here the in-memory program
+    is dropped first (only its op names are needed, for the config), the package is reloaded once,
+    both passes run on it and it is serialized once: one float16 copy of the weights alive instead
+    of up to three. ``mlmodel`` is spent. Same program as the two calls in sequence (the reload
+    keeps the ops of the saved package; weight.bin byte-identical on tiny)."""
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models.utils import _apply_graph_pass
+
     config = compression_config(mlmodel, embedding)
-    with quiet():
-        mlmodel = cto.linear_quantize_weights(mlmodel, config)
-        if embedding == "lut6":
-            mlmodel = cto.palettize_weights(mlmodel, palettize_config())
-    return mlmodel
+    passes = [PASS_REGISTRY["compression::linear_quantize_weights"]]
+    passes[0].set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    if embedding == "lut6":
+        passes.append(PASS_REGISTRY["compression::palettize_weights"])
+        passes[1].set_options([PassOption("config", palettize_config()),
+                               PassOption("joint_compression", False)])
+    mlmodel._mil_program = None
+    gc.collect()
+    with quiet(), lean_memory():
+        return _apply_graph_pass(mlmodel, passes)
+
+
+SPILL_MIN = 1 << 20     # parameters with at least this many values are spilled
+
+
+def spill_tensor(t: torch.Tensor, directory: Path | None = None) -> torch.Tensor:
+    """A copy of ``t`` mapped from a file (same values, dtype, shape). The file is unlinked at once:
+    the mapping keeps it alive until the tensor is freed, so nothing is left to clean up.
+
+    The pages are clean page cache, read back on demand and dropped under memory pressure, not
+    anonymous memory the machine must hold. (A shared mapping, so the storage knows its file name,
+    see _is_mapped; nothing writes to these weights.)"""
+    fd, path = tempfile.mkstemp(prefix="mcpm-spill-", suffix=".bin", dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            t.detach().contiguous().numpy().tofile(f)
+        mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
+    finally:
+        Path(path).unlink()
+    return mapped.view(t.shape)
+
+
+def _is_mapped(t: torch.Tensor) -> bool:
+    """True when ``t``'s storage is already a file mapping made by spill_tensor."""
+    return getattr(t.untyped_storage(), "filename", None) is not None
+
+
+def spill_large(t: torch.Tensor) -> torch.Tensor:
+    """spill_tensor for tensors of SPILL_MIN values or more; smaller ones are returned as they are."""
+    return spill_tensor(t) if t.numel() >= SPILL_MIN else t
+
+
+def spill_weights(model: torch.nn.Module, directory: Path | None = None) -> int:
+    """Replace the model's large parameters (SPILL_MIN values or more) by spill_tensor copies.
+
+    ct.convert needs the float32 torch weights (4 bytes per parameter, 10.9 GB for MiniCPM-2B) while
+    it builds its own float16 copy, for each function; mapped, they need not stay in memory. Modules
+    are modified in place (also where shared with the caller's model), values unchanged, parameters
+    used twice stay one. Returns the bytes spilled."""
+    done: dict[int, torch.nn.Parameter] = {}
+    total = 0
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.numel() < SPILL_MIN or _is_mapped(p):
+                continue
+            if id(p) not in done:
+                done[id(p)] = torch.nn.Parameter(spill_tensor(p, directory), requires_grad=False)
+                total += p.numel() * p.element_size()
+            mod._parameters[name] = done[id(p)]
+    gc.collect()
+    return total
 
 
 def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str | None = "lut6",
-                    progress=lambda stage, msg: None) -> Path:
+                    progress=lambda stage, msg: None, spill: bool = False) -> Path:
     """Write ``out`` (an .mlpackage with functions ``prefill`` and ``decode``).
 
-    embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS."""
+    embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS. ``spill``: first
+    move the model's large weights to mapped files (spill_weights: the model's modules are changed
+    in place, same values)."""
     if (embedding == "lut6") != (model.embed_rows is not None):
         raise ExportError("ios: the palettized embedding needs CoreMLMiniCPM(row_scaled_embedding=True) "
                           "and only it")
     if chunk > model.context:
         raise ExportError(f"ios: prefill_chunk {chunk} exceeds the context window {model.context}")
     with tempfile.TemporaryDirectory(prefix="mcpm-coreml-") as tmp:
+        if spill:
+            progress("spill", "moving the float32 weights to memory-mapped files")
+            spill_weights(model, Path(tmp))
         parts = {}
         for name, tokens, prefill in (("prefill", chunk, True), ("decode", 1, False)):
-            progress("coreml", f"converting function '{name}' ({tokens} token(s))")
-            mlmodel = convert_function(model, tokens, prefill)
+            progress(name, f"converting function '{name}' ({tokens} token(s))")
+            mlmodel = convert_function(model, tokens, prefill, progress)
             if embedding is not None:
-                progress("coreml", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
+                progress("compress", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
                                    f"embedding {embedding})")
                 mlmodel = compress(mlmodel, embedding)
+                gc.collect()
             parts[name] = Path(tmp) / f"{name}.mlpackage"
+            progress("save", f"saving '{name}'")
             mlmodel.save(str(parts[name]))
             del mlmodel
-        progress("coreml", "merging into one multifunction package (shared weights)")
+            gc.collect()
+        progress("merge", "merging into one multifunction package (shared weights)")
         desc = ct.utils.MultiFunctionDescriptor()
         for name, path in parts.items():
             desc.add_function(str(path), src_function_name="main", target_function_name=name)
         desc.default_function_name = "decode"
         if out.exists():
             shutil.rmtree(out)
-        with quiet():
+        with quiet(), lean_memory():
             ct.utils.save_multifunction(desc, str(out))
     model.reset()
     return out

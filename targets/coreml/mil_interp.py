@@ -98,12 +98,40 @@ OWN_OPS = {"linear": _linear, "matmul": _matmul, "silu": _silu, "shape": _shape,
            "slice_update": _slice_update, "gather": _gather}
 
 
+def _lut_to_dense(op) -> np.ndarray | None:
+    """constexpr_lut_to_dense of a 2-D weight with scalar entries, one block of the table at a time.
+
+    coremltools' own decompress first repeats the table to the weight's shape times its 2**bits
+    entries (33.7 GiB for MiniCPM-2B's 6-bit embedding); this needs only the output. None for
+    layouts it does not handle (vector entries, other ranks): the caller falls back."""
+    indices, lut = op.indices.val, op.lut.val
+    if indices is None or lut is None or op.vector_axis is not None or indices.ndim != 2 \
+            or lut.ndim != 4 or lut.shape[-1] != 1:
+        return None
+    (rows, cols), (br, bc) = indices.shape, lut.shape[:2]
+    if rows % br or cols % bc:
+        return None
+    rs, cs = rows // br, cols // bc
+    out = np.empty(indices.shape, dtype=lut.dtype)
+    for i in range(br):
+        for j in range(bc):
+            block = (slice(i * rs, (i + 1) * rs), slice(j * cs, (j + 1) * cs))
+            out[block] = lut[i, j, :, 0][indices[block]]
+    return out
+
+
 class Interpreter:
-    """Evaluate functions of a loaded MIL program; constants are materialised once and cached."""
+    """Evaluate functions of a loaded MIL program; constants are materialised once and cached.
+
+    Decompressed weights (constexpr_* ops) are cached once for all functions: the functions of a
+    multifunction package read the same weights under the same names (checked on the compressed
+    data), so prefill and decode do not each hold a float16 copy of the model."""
 
     def __init__(self, program):
         self.program = program
         self._consts: dict[tuple[str, str], np.ndarray] = {}
+        self._shared: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._dying: dict[str, list[list[str]]] = {}
         for fn in program.functions.values():   # NumPy 2 rejects np.bool_ where ints are expected
             for op in fn.operations:
                 for var in _input_vars(op):
@@ -117,17 +145,37 @@ class Interpreter:
     def function_names(self) -> list[str]:
         return list(self.program.functions)
 
-    def constant(self, function: str, op) -> np.ndarray:
+    def constant(self, function: str, op, cache: bool = True) -> np.ndarray:
+        """The value of a const / constexpr_* op; ``cache`` False decompresses without keeping it."""
         key = (function, op.outputs[0].name)
-        if key not in self._consts:
-            if op.op_type == "const":
-                self._consts[key] = op.outputs[0].val
-            else:  # constexpr_*: decompress at "load time", as Core ML does
+        if key in self._consts:
+            return self._consts[key]
+        if op.op_type == "const":
+            self._consts[key] = op.outputs[0].val
+            return self._consts[key]
+        # constexpr_*: decompress at "load time", as Core ML does
+        source = next(iter(op.inputs.values())).val     # data / indices: the compressed values
+        skey = (op.op_type, op.outputs[0].name, tuple(op.outputs[0].shape))
+        hit = self._shared.get(skey)
+        if hit is not None and (hit[0] is source or np.array_equal(hit[0], source)):
+            value = hit[1]
+        else:
+            value = _lut_to_dense(op) if op.op_type == "constexpr_lut_to_dense" else None
+            if value is None:
                 try:
-                    self._consts[key] = np.asarray(op.materialized_val_inference())
+                    value = np.asarray(op.materialized_val_inference())
                 except (AttributeError, NotImplementedError):
                     raise ExportError(f"mil_interp: cannot decompress '{op.name}' ({op.op_type})") from None
-        return self._consts[key]
+            if cache and source is not None:
+                self._shared[skey] = (source, value)
+        if cache:
+            self._consts[key] = value
+        return value
+
+    def drop_cache(self) -> None:
+        """Forget materialised constants (the decompressed weights) to free their memory."""
+        self._consts.clear()
+        self._shared.clear()
 
     def run(self, function: str, inputs: dict[str, np.ndarray],
             states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,7 +203,8 @@ class Interpreter:
         def val(var):
             return env[var.name] if var.name in env else var.val
 
-        for op in fn.operations:
+        dying = self._dying_after(function)
+        for i, op in enumerate(fn.operations):
             out = op.outputs[0]
             if op.op_type == "const" or op.op_type.startswith("constexpr_"):
                 env[out.name] = self.constant(function, op)
@@ -170,7 +219,27 @@ class Interpreter:
             else:
                 for name, value in zip((o.name for o in op.outputs), self._infer(op, env)):
                     env[name] = value
+            for name in dying[i]:       # values no later op reads: every read_state / slice_update
+                env.pop(name, None)     # holds a copy of a whole KV cache (L^2 growth otherwise)
         return {v.name: env[v.name] for v in fn.outputs}
+
+    def _dying_after(self, function: str) -> list[list[str]]:
+        """Per op of ``function``: names of the values whose last reader it is (not outputs)."""
+        if function not in self._dying:
+            fn = self.program.functions[function]
+            last: dict[str, int] = {}
+            for i, op in enumerate(fn.operations):
+                for var in _input_vars(op):
+                    last[var.name] = i
+                for out in op.outputs:          # never read: free right after it is made
+                    last.setdefault(out.name, i)
+            keep = {v.name for v in fn.outputs} | set(fn.inputs)
+            dying: list[list[str]] = [[] for _ in fn.operations]
+            for name, i in last.items():
+                if name not in keep:
+                    dying[i].append(name)
+            self._dying[function] = dying
+        return self._dying[function]
 
     @staticmethod
     def _infer(op, env) -> tuple:

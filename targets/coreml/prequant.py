@@ -112,13 +112,21 @@ def gptq_weight(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 
 def prequantize_state_dict(state: dict[str, torch.Tensor], cov: dict[str, torch.Tensor],
-                           on_tensor=lambda name: None) -> dict[str, torch.Tensor]:
-    """Every linear weight moved onto its int4 grid (GPTQ); other tensors unchanged."""
+                           on_tensor=lambda name: None, store=None,
+                           consume: bool = False) -> dict[str, torch.Tensor]:
+    """Every linear weight moved onto its int4 grid (GPTQ); other tensors unchanged.
+
+    ``store(tensor) -> tensor`` is applied to each new weight (the ios target maps them from files);
+    ``consume`` deletes each matrix from ``cov`` once used (shared ones go with their last user)."""
     out = {}
     with one_thread():
         for name, w in state.items():
             if is_linear(name) and w.shape[1] % GROUP == 0 and name in cov:
-                out[name] = gptq_weight(w, cov[name])
+                q = gptq_weight(w, cov[name])
+                out[name] = store(q) if store is not None else q
+                del q
+                if consume:
+                    del cov[name]
                 on_tensor(name)
             else:
                 out[name] = w

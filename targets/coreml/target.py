@@ -8,6 +8,7 @@ Bundle layout (docs/ios.md):
 """
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -15,13 +16,13 @@ import uuid
 from pathlib import Path
 
 from exporter.errors import ExportError
-from exporter.model import MiniCPM
 from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from exporter.tokenizer import Tokenizer
 
 from .prequant import input_covariance, prequantize_state_dict
-from .convert import BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, weight_file
-from .verify import check, numerics, package_state_dict, structure
+from .convert import (BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
+                      spill_weights, weight_file)
+from .verify import check, model_from_state, numerics, package_state_dict, structure
 from .wrapper import CoreMLMiniCPM
 
 PACKAGE = "MiniCPM.mlpackage"
@@ -89,28 +90,45 @@ class IOSTarget:
         if ios != MIN_IOS:
             ctx.progress.log(f"note: the package targets iOS {MIN_IOS} (runs on iOS {ios})")
         package = staging / PACKAGE
+        if embedding:
+            with ctx.progress.stage("coreml load reference"):
+                load_mapped_reference(ctx)
         source = ctx.reference
+        n_params = sum(p.numel() for p in source.parameters())
+        names = list(source.state_dict())
         if embedding:
             with ctx.progress.stage("coreml prequantize"):
+                # Memory (docs/ios.md): the float32 reference's weights, and the GPTQ-rounded ones
+                # as they are made, are mapped from files (same values) instead of held in memory.
+                spill_weights(ctx.reference)     # no-op when load_mapped_reference built it
                 tok = Tokenizer(ctx.tokenizer_path)
                 calib = tok.encode(CALIBRATION_TEXT.read_text())
                 cov = input_covariance(ctx.reference, calib, count=recipe.calibration_windows)
                 ctx.progress.log(f"GPTQ rounding onto Core ML's int4 grid "
                                  f"({recipe.calibration_windows} calibration windows)")
-                state = prequantize_state_dict(ctx.reference.state_dict(), cov)
-                source = MiniCPM.from_state_dict(cfg, state)
-                del cov, state
+                state = prequantize_state_dict(ctx.reference.state_dict(), cov, store=spill_large,
+                                               consume=True)
+                del cov, source
+                # the GPTQ-rounded model replaces the reference (rebuilt on demand if needed
+                # later) and holds the state's tensors themselves, no second copy
+                release_reference(ctx)
+                source = model_from_state(cfg, state)
+                del state
         with ctx.progress.stage("coreml convert"):
             model = CoreMLMiniCPM(source, recipe.context_window,
                                   row_scaled_embedding=embedding == "lut6").eval()
+            del source
+            # spill the float32 weights to mapped files only when the model is this target's own
+            # (with an int4 scheme); in fp16 its modules are ctx.reference's
             build_mlpackage(model, recipe.prefill_chunk, package, embedding,
-                            progress=lambda _stage, msg: ctx.progress.log(msg))
-            del model, source
+                            progress=lambda _stage, msg: ctx.progress.log(msg),
+                            spill=embedding is not None)
+            del model
+            gc.collect()
             deterministic_package_manifest(package)
         self._copy_side_files(ctx, staging)
         with ctx.progress.stage("coreml verify"):
-            verification, quality = self._verify(ctx, package, embedding)
-        n_params = sum(p.numel() for p in ctx.reference.parameters())
+            verification, quality = self._verify(ctx, package, embedding, names)
         wbytes = weight_file(package).stat().st_size
         ctx.progress.log(f"weight.bin {wbytes / 1e6:.2f} MB = {wbytes / n_params:.3f} bytes/parameter")
         embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
@@ -156,7 +174,7 @@ class IOSTarget:
                                                         sort_keys=True) + "\n")
 
     @staticmethod
-    def _verify(ctx, package: Path, embedding) -> tuple[dict, dict]:
+    def _verify(ctx, package: Path, embedding, names: list[str]) -> tuple[dict, dict]:
         from .mil_interp import Interpreter
 
         recipe, cfg = ctx.recipe, ctx.config
@@ -164,7 +182,6 @@ class IOSTarget:
         facts = structure(interp, embedding) if embedding else {"functions": sorted(interp.program.functions)}
         tok = Tokenizer(ctx.tokenizer_path)
         calib = tok.encode(CALIBRATION_TEXT.read_text())
-        names = list(ctx.reference.state_dict())
         n_prompt = min(recipe.prefill_chunk * 3 // 2 + 4, recipe.context_window - VERIFY_STEPS)
         report = numerics(interp, cfg, names, calib[:n_prompt], recipe.context_window,
                           recipe.prefill_chunk, VERIFY_STEPS,
@@ -175,7 +192,11 @@ class IOSTarget:
         quality = dict(ctx.quality)
         gate_ids, windows = calib[512 * recipe.calibration_windows:], recipe.gate_windows
         if embedding and windows and len(gate_ids) >= 512:
-            coreml_ref = MiniCPM.from_state_dict(cfg, package_state_dict(interp, names))
+            interp.drop_cache()     # the interpreter's float16 weights; the float32 model follows
+            gc.collect()
+            coreml_ref = model_from_state(cfg, package_state_dict(interp, names, store=spill_large))
+            if not quality.get("ppl_fp"):
+                load_mapped_reference(ctx)      # released after the GPTQ pass
             ppl_fp = quality.get("ppl_fp") or perplexity(ctx.reference, gate_ids, count=windows)
             ppl_q = perplexity(coreml_ref, gate_ids, count=windows)
             quality.update({"ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
@@ -195,6 +216,29 @@ class IOSTarget:
                         **report.to_dict(), "structure": {k: v for k, v in facts.items()
                                                           if k != "fp32_constants"}}
         return verification, quality
+
+
+def load_mapped_reference(ctx) -> None:
+    """Build ctx.reference (the float32 reference of the original weights) one tensor at a time,
+    each large one mapped from a file (convert.spill_large), when it is not built yet.
+
+    ExportContext.load_reference (MiniCPM.from_state_dict of the whole float32 state dict) holds two
+    float32 copies at once, 21.8 GB for MiniCPM-2B; this holds about one tensor. Same tensors as
+    Checkpoint.text_tensors (exporter/checkpoint.py); the ios target is text only (no prefix)."""
+    ckpt = ctx.checkpoint
+    if "reference" in ctx.__dict__ or not (hasattr(ckpt, "text_plan") and hasattr(ckpt, "getter")):
+        return
+    plan = ckpt.text_plan(ctx.config, "")
+    get = ckpt.getter(plan)
+    state = {canon: spill_large(get(canon)) for canon in sorted(plan)}
+    ctx.__dict__["reference"] = model_from_state(ctx.config, state)
+
+
+def release_reference(ctx) -> None:
+    """Drop the context's cached float32 reference model (ExportContext.reference is a
+    cached_property: the next use rebuilds it from the checkpoint)."""
+    ctx.__dict__.pop("reference", None)
+    gc.collect()
 
 
 def deterministic_package_manifest(package: Path) -> None:

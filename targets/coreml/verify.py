@@ -10,6 +10,7 @@ package's weights decompressed exactly as Core ML does ("PyTorch int4 reference"
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
 
-from .convert import LUT_EMBED_NAME, STATE_NAMES
+from .convert import LUT_EMBED_NAME, STATE_NAMES, spill_large
 from .mil_interp import Interpreter
 from .palettize import LUT_BITS
 
@@ -77,8 +78,23 @@ def mil_const_name(canonical: str) -> str:
     return "p_" + canonical.replace(".", "_") + "_to_fp16"
 
 
-def package_state_dict(interp: Interpreter, names: list[str], function: str = "decode") -> dict:
-    """Canonical-name float32 weights as Core ML materialises them (int4/int8 decompressed)."""
+def model_from_state(cfg: MiniCPMConfig, state: dict[str, torch.Tensor]) -> MiniCPM:
+    """MiniCPM holding ``state``'s tensors themselves: no randomly initialised copy first (for
+    MiniCPM-2B, MiniCPM.from_state_dict briefly holds two float32 models, 2 x 10.9 GB)."""
+    with torch.device("meta"):
+        model = MiniCPM(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def package_state_dict(interp: Interpreter, names: list[str], function: str = "decode",
+                       store=None) -> dict:
+    """Canonical-name float32 weights as Core ML materialises them (int4/int8 decompressed).
+
+    The decompressed float16 values are not kept in the interpreter's cache (each is converted
+    to float32 and dropped), so the model's weights exist once in float32 here, not also in float16.
+    ``store(tensor) -> tensor`` is applied to each (numerics maps the large ones from files: convert.spill_large)."""
+    store = store or (lambda t: t)
     by_name = {}
     for op in interp.program.functions[function].operations:
         if op.op_type == "const" or op.op_type.startswith("constexpr_"):
@@ -88,14 +104,18 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
         base = mil_const_name(canon)
         op = by_name.get(base + "_quantized", by_name.get(base))
         if canon == "tok_embeddings.weight" and LUT_EMBED_NAME + "_palettized" in by_name:
-            rows = interp.constant(function, by_name[LUT_EMBED_NAME + "_palettized"])
-            scale = interp.constant(function, by_name["b_embed_row_scale_to_fp16"])
-            rows, scale = np.asarray(rows, np.float32), np.asarray(scale, np.float32)
-            out[canon] = torch.from_numpy(rows * scale[:, None])
+            rows = interp.constant(function, by_name[LUT_EMBED_NAME + "_palettized"], cache=False)
+            scale = interp.constant(function, by_name["b_embed_row_scale_to_fp16"], cache=False)
+            dense = np.asarray(rows, np.float32)
+            del rows
+            dense *= np.asarray(scale, np.float32)[:, None]
+            out[canon] = store(torch.from_numpy(dense))
+            del dense
             continue
         if op is None:
             raise ExportError(f"Core ML package has no constant for weight '{canon}' ({base})")
-        out[canon] = torch.from_numpy(np.asarray(interp.constant(function, op), dtype=np.float32))
+        out[canon] = store(torch.from_numpy(np.asarray(interp.constant(function, op, cache=False),
+                                                       dtype=np.float32)))
     return out
 
 
@@ -155,8 +175,10 @@ def numerics(interp: Interpreter, cfg: MiniCPMConfig, state_names: list[str], pr
     """Greedy prefill + ``steps`` decode steps: Core ML program vs PyTorch with the same weights."""
     if len(prompt) + steps > context:
         raise ExportError(f"verify: prompt {len(prompt)} + {steps} steps exceeds context {context}")
-    ref = MiniCPM.from_state_dict(cfg, package_state_dict(interp, state_names))
+    ref = model_from_state(cfg, package_state_dict(interp, state_names, store=spill_large))
     ref_tokens, ref_logits = ref.generate(prompt, steps, eos_id=None, prefill_chunk=chunk)
+    del ref     # the float32 reference goes before the interpreter materialises its float16 weights
+    gc.collect()
     cache_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
     runner = CoreMLRunner(interp, cache_shape, chunk)
     progress("verify", f"Core ML prefill of {len(prompt)} tokens (NumPy MIL interpreter)")

@@ -103,9 +103,17 @@ class CoreMLMiniCPM(nn.Module):
         return torch.nn.functional.linear(h, head)
 
 
-def split_row_scale(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [rows, cols] -> (weight / max|row|, max|row|), both float16-exact (returned as float32)."""
-    w = weight.half()
-    scale = w.abs().amax(1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return (w / scale[:, None]).float(), scale.float()
+def split_row_scale(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [rows, cols] -> (weight / max|row|, max|row|), both float16-exact (returned as float32).
+
+    Computed a block of rows at a time into the float32 result: the float16 temporaries of a whole
+    2B embedding (2 x 0.57 GB) are not needed at once."""
+    rows = torch.empty(weight.shape, dtype=torch.float32)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for s in range(0, weight.shape[0], rows_per_step):
+        w = weight[s:s + rows_per_step].half()
+        scale = w.abs().amax(1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        rows[s:s + rows_per_step] = w / scale[:, None]
+        scales[s:s + rows_per_step] = scale
+    return rows, scales
