@@ -27,6 +27,7 @@ pipeline.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -93,11 +94,37 @@ def clang_flags(target: tvm.target.Target) -> list[str]:
         flags += ["-march=" + "+".join([base, *ext]), "-mno-outline-atomics"]   # no libgcc helper calls
     elif triple.startswith("x86_64"):
         if cpu and cpu != "generic":
-            flags.append(f"-march={cpu}")
+            flags += _x86_cpu_flags(target, cpu)
         elif platform.machine() == "x86_64" and not feats:
             flags.append("-march=native")
         flags += [("-m" if f[0] == "+" else "-mno-") + f[1:] for f in feats if f[:1] in "+-"]
     return flags
+
+
+# x86 ISA extensions (LLVM feature name = clang -m<name>) the kernels can use, for CPUs clang does not know
+_X86_ISA = ("sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi", "bmi2",
+            "lzcnt", "movbe", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
+            "avx512vbmi", "avx512bf16", "avxvnni")
+
+
+@functools.lru_cache(maxsize=None)
+def clang_knows_cpu(cpu: str) -> bool:
+    """Whether the installed clang accepts ``-march=<cpu>`` (TVM's LLVM may be newer than it)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        return False
+    proc = subprocess.run([clang, "--target=x86_64-linux-gnu", f"-march={cpu}", "-x", "c", "-E", "-"],
+                          input="", capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def _x86_cpu_flags(target: tvm.target.Target, cpu: str) -> list[str]:
+    """``-march=<cpu>`` when clang knows the CPU, else the ISA extensions TVM's LLVM lists for it
+    (a baseline -march=x86-64 plus -m<feature>): same code paths, any clang version."""
+    if clang_knows_cpu(cpu):
+        return [f"-march={cpu}"]
+    have = {str(k) for k in tvm.get_global_func("target.llvm_get_cpu_features")(target)}
+    return ["-march=x86-64", *[f"-m{f}" for f in _X86_ISA if f in have]]
 
 
 def _key(target: tvm.target.Target) -> str:
