@@ -18,6 +18,7 @@ time (``InputRecorder``); the iOS target runs the same GPTQ on Core ML's int4 gr
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -36,6 +37,7 @@ class InputStats:
     (``full``) or only its diagonal [in]."""
     tokens: int
     xtx: torch.Tensor
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None    # hessian_factors(xtx), once
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -91,38 +93,66 @@ class InputRecorder:
         self._last = (None, "")
 
 
+@contextmanager
+def one_thread():
+    """Many small sequential ops: extra intra-op threads only spin (measured 30x slower on a busy
+    2-core machine; the GPTQ factorisation of a 5760-wide X^T X: 8 s on one thread, 40 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
-def gptq(w: torch.Tensor, xtx: torch.Tensor, grid: Grid, damp: float = DAMP,
-         rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (grid values [out, in], float16-exact scales [out, in/GROUP]), w ~= value * scale."""
-    out, n = w.shape
-    if n % GROUP:
-        raise ValueError(f"input dim {n} is not a multiple of the group size {GROUP}")
+def hessian_factors(xtx: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the inverse of the dampened, normalised X^T X; its diagonal per
+    group [in/GROUP, GROUP], the clipping search's importance)."""
+    n = xtx.shape[0]
     H = xtx.float().clone()
     H /= H.diagonal().mean().clamp_min(1e-12)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp)
     imp = H.diagonal().clone().reshape(n // GROUP, GROUP)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    del H
+    with one_thread():
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), imp
+
+
+@torch.no_grad()
+def gptq(w: torch.Tensor, xtx: torch.Tensor, grid: Grid, damp: float = DAMP,
+         rows_per_chunk: int = ROWS_PER_CHUNK,
+         factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (grid values [out, in], float16-exact scales [out, in/GROUP]), w ~= value * scale.
+    ``factors``: hessian_factors(xtx, damp) when already computed (weights sharing an input)."""
+    out, n = w.shape
+    if n % GROUP:
+        raise ValueError(f"input dim {n} is not a multiple of the group size {GROUP}")
+    Hinv, imp = factors if factors is not None else hessian_factors(xtx, damp)
     values, scales = torch.empty(out, n), torch.empty(out, n // GROUP)
-    values, scales = torch.empty(out, n), torch.empty(out, n // GROUP)
+    with one_thread():
+        _gptq_rows(w, Hinv, imp, grid, values, scales, rows_per_chunk)
+    return values, scales
+
+
+def _gptq_rows(w, Hinv, imp, grid, values, scales, rows_per_chunk) -> None:
+    out, n = w.shape
     for r0 in range(0, out, rows_per_chunk):
-        W = w[r0:r0 + rows_per_chunk].float().clone()
-        V = values[r0:r0 + rows_per_chunk]
+        # transposed ([in, rows]): the column being rounded is one contiguous row
+        WT = w[r0:r0 + rows_per_chunk].float().T.contiguous()
+        VT = torch.empty_like(WT)
         for g, b in enumerate(range(0, n, GROUP)):
-            Wb, Hb = W[:, b:b + GROUP], Hinv[b:b + GROUP, b:b + GROUP]
-            s = _search_scales(Wb.reshape(-1, 1, GROUP).contiguous(), imp[g:g + 1], grid)[:, 0]
+            Wb, Hb = WT[b:b + GROUP], Hinv[b:b + GROUP, b:b + GROUP]
+            s = _search_scales(Wb.T.contiguous().reshape(-1, 1, GROUP), imp[g:g + 1], grid)[:, 0]
             scales[r0:r0 + rows_per_chunk, g] = s
             err = torch.empty_like(Wb)
             for i in range(GROUP):
-                q = (Wb[:, i] / s).round_().clamp_(grid.qmin, grid.qmax)
-                V[:, b + i] = q
-                err[:, i] = (Wb[:, i] - q * s) / Hb[i, i]
-                Wb[:, i + 1:].sub_(torch.outer(err[:, i], Hb[i, i + 1:]))
-            W[:, b + GROUP:].addmm_(err, Hinv[b:b + GROUP, b + GROUP:], alpha=-1.0)
-    return values, scales
+                q = torch.div(Wb[i], s, out=VT[b + i]).round_().clamp_(grid.qmin, grid.qmax)
+                torch.div(Wb[i] - q * s, Hb[i, i], out=err[i])
+                Wb[i + 1:].sub_(Hb[i, i + 1:, None] * err[i])
+            WT[b + GROUP:].addmm_(Hinv[b:b + GROUP, b + GROUP:].T, err, alpha=-1.0)
+        values[r0:r0 + rows_per_chunk] = VT.T
 
 
 def _clip(w: torch.Tensor, bits: int, stats: InputStats | None) -> QTensor:
@@ -132,7 +162,9 @@ def _clip(w: torch.Tensor, bits: int, stats: InputStats | None) -> QTensor:
 def _gptq(w: torch.Tensor, bits: int, stats: InputStats | None) -> QTensor:
     if bits != 4 or stats is None or stats.xtx.dim() != 2:
         return _clip(w, bits, stats)
-    values, scales = gptq(w, stats.xtx, GRIDS[bits])
+    if stats.factors is None:       # shared by the weights reading the same input (wq/wk/wv, w1/w3)
+        stats.factors = hessian_factors(stats.xtx)
+    values, scales = gptq(w, stats.xtx, GRIDS[bits], factors=stats.factors)
     return QTensor(bits, encode(values, bits), scales.half().numpy())
 
 

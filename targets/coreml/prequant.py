@@ -14,30 +14,16 @@ compares against the weights the package actually holds.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from exporter.model import MiniCPM
 from exporter.quality import WINDOW, windows
 from exporter.quant import GROUP, Grid, is_linear
-from exporter.quantizers import InputRecorder, gptq
+from exporter.quantizers import InputRecorder, gptq, one_thread
 
 QMAX = 7          # coremltools int4 linear_symmetric range is [-7, 7]
 COREML_GRID = Grid(-QMAX, QMAX)
 QUANTIZER = "gptq"   # exporter.quantizers name of what this module runs (the ios manifest says it)
-
-
-@contextmanager
-def one_thread():
-    """Many small sequential ops: extra intra-op threads only spin (measured 30x slower on a busy
-    2-core machine), so these passes run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @torch.no_grad()
