@@ -6,8 +6,8 @@ at a time, recording E[x^2] of every linear's input (activation-aware clipping) 
 layer as soon as its statistics are known (with the recipe's quantizer, exporter/quantizers.py: X^T X
 per linear input for GPTQ, E[x^2] for the clipping search); the LM head's statistics come last, so
 the embedding is quantized at the end. With a sequential quantizer (GPTQ) the calibration activations
-passed on to the next layer are this layer's quantized output (one more layer forward). Pass 2 runs the gate windows through the dequantized layers, and the two
-perplexities are compared.
+passed on to the next layer are this layer's quantized output (one more layer forward). Pass 2 runs
+the gate windows through the dequantized layers, and the two perplexities are compared.
 """
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
         for k, v in block.state_dict().items():
             keep(f"layers.{i}.{k}", v)
         if quantizer.sequential:   # the next layer's statistics see this layer's quantized output
-            h_next = _forward_layer(_layer(cfg, lambda n: torch.from_numpy(_deq(qm.tensors[n])), i), h_imp, cos, sin)
+            deq = _layer(cfg, lambda n: torch.from_numpy(_deq(qm.tensors[n])), i)
+            h_next = _forward_layer(deq, h_imp, cos, sin)
+            del deq
         h_imp = h_next
         on_step(f"layer {i}")
         del block, rec

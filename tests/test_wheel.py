@@ -28,7 +28,8 @@ def installed(tmp_path_factory):
         if (ROOT / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             (src / rel).write_bytes((ROOT / rel).read_bytes())
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src], tmp)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src],
+         tmp)
     (wheel,) = (tmp / "dist").glob("mcpm_export-*.whl")
     _run([sys.executable, "-m", "venv", "--system-site-packages", tmp / "venv"], tmp)
     _run([tmp / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel], tmp)
@@ -40,7 +41,8 @@ def installed(tmp_path_factory):
 @pytest.mark.slow
 def test_installed_wheel_has_recipes_model_and_exports(installed):
     bin_dir, run = installed
-    where = _run([bin_dir / "python", "-c", "import exporter, recipes; print(exporter.__file__); print(recipes.__file__)"], run)
+    where = _run([bin_dir / "python", "-c", "import exporter, recipes; print(exporter.__file__, recipes.__file__)"],
+                 run)
     assert all("/venv/lib/" in line for line in where.split()), where      # not the source tree
     recipes = json.loads(_run([bin_dir / "mcpm-export", "recipes", "--json"], run))
     assert {"tiny", "sft-int4", "v2-int4"} <= set(recipes)
