@@ -125,13 +125,14 @@ def hessian_factors(xtx: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor
 def gptq(w: torch.Tensor, xtx: torch.Tensor, grid: Grid, damp: float = DAMP,
          rows_per_chunk: int = ROWS_PER_CHUNK,
          factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (grid values [out, in], float16-exact scales [out, in/GROUP]), w ~= value * scale.
+    """w [out, in] -> (grid values int8 [out, in], float16-exact scales [out, in/GROUP]), w ~= value * scale.
     ``factors``: hessian_factors(xtx, damp) when already computed (weights sharing an input)."""
     out, n = w.shape
     if n % GROUP:
         raise ValueError(f"input dim {n} is not a multiple of the group size {GROUP}")
     Hinv, imp = factors if factors is not None else hessian_factors(xtx, damp)
-    values, scales = torch.empty(out, n), torch.empty(out, n // GROUP)
+    values = torch.empty(out, n, dtype=torch.int8)     # grid values are small integers
+    scales = torch.empty(out, n // GROUP)
     with one_thread():
         _gptq_rows(w, Hinv, imp, grid, values, scales, rows_per_chunk)
     return values, scales

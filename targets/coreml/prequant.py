@@ -42,7 +42,7 @@ def gptq_weight(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """w [out, in] -> weights on Core ML's per-block int4 grid, chosen by the shared GPTQ."""
     values, scales = gptq(w, cov, COREML_GRID)
     out, n = w.shape
-    return (values.reshape(out, n // GROUP, GROUP) * scales[..., None]).reshape(out, n).to(w.dtype)
+    return (values.float().reshape(out, n // GROUP, GROUP) * scales[..., None]).reshape(out, n).to(w.dtype)
 
 
 def prequantize_state_dict(state: dict[str, torch.Tensor], cov: dict[str, torch.Tensor],
