@@ -12,7 +12,7 @@ from .config import MiniCPMConfig
 from .errors import ExportError
 from .model import MiniCPM, check_generation
 from .progress import Progress
-from .quality import CALIBRATION_TEXT, WINDOW, QualityReport, gate, perplexity
+from .quality import CALIBRATION_TEXT, WINDOW, QualityReport, gate, implausible, perplexity
 from .quant import SCHEMES, QuantizedModel
 from .recipes import Recipe, get_recipe
 from .streaming import quantize_streaming
@@ -67,6 +67,9 @@ def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer,
                            text=f"{CALIBRATION_TEXT.name} (windows {recipe.calibration_windows}+)")
     progress.log(f"quality gate: perplexity fp {report.ppl_fp:.3f} -> {sch.name} {report.ppl_int4:.3f} "
                  f"({report.loss_pct:+.2f}%, limit {report.threshold_pct}%)")
+    warning = implausible(report)
+    if warning:
+        progress.log(warning)
     gate(report, allow_quality_loss)
     return qm, report
 

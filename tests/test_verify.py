@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exporter.bundle import sha256_file, tool_versions
+from exporter.bundle import manifest_text, sha256_file, tool_versions
 from exporter.cli import main
 from exporter.errors import ExportError
 from exporter.release import pack
@@ -28,10 +28,11 @@ def bundle(tmp_path, libs):
     return assemble_bundle(tmp_path / NAME, libs)
 
 
-def rewrite_manifest(bundle: Path, change) -> None:
+def rewrite_manifest(bundle: Path, change, restamp: bool = True) -> None:
+    """Edit manifest.json; ``restamp``: with a matching digest (to test the other checks in isolation)."""
     m = json.loads((bundle / "manifest.json").read_text())
     change(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    (bundle / "manifest.json").write_text(manifest_text(m) if restamp else json.dumps(m))
 
 
 def test_good_bundle_and_its_archive_verify(bundle, tmp_path):
