@@ -16,6 +16,7 @@ Checks, one problem line each:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 import tarfile
@@ -297,6 +298,7 @@ def check_coreml(bundle: Path, manifest: dict) -> list[str]:
         problems.append(f"{mf}: coremltools {versions['coremltools']} cannot write stateful multifunction "
                         f"packages (need >= {COREMLTOOLS_MIN_MAJOR})")
     spec_path = bundle / info["package"] / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    logging.getLogger("coremltools").setLevel(logging.ERROR)   # its import-time "Failed to load ..." noise
     try:
         from coremltools.proto import Model_pb2
     except ImportError:
