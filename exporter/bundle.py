@@ -62,7 +62,7 @@ class Staging:
         self.force = force
         self.dir = self._sibling(f"partial-{os.getpid()}")
         self.lock: OutputLock | None = None
-        self.done = False
+        self.created = self.done = False
 
     def _sibling(self, tag: str) -> Path:
         return self.out.parent / f".{self.out.name}.{tag}"
@@ -75,6 +75,7 @@ class Staging:
             self._clean_stale()
             check_out(self.out, self.force)      # again, now that no other export can change it
             self.dir.mkdir()
+            self.created = True
         except OSError as e:
             self.__exit__(None, None, None)
             raise ExportError(f"--out {self.out}: cannot write there ({e.strerror})") from None
@@ -120,7 +121,7 @@ class Staging:
         return self.out
 
     def __exit__(self, typ=None, exc=None, tb=None) -> None:
-        if not self.done:
+        if self.created and not self.done:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.lock is not None:
             self.lock.release()

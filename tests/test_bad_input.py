@@ -99,17 +99,25 @@ def test_generate_prompt_that_is_not_utf8():
     one_error_line(r, "--prompt: not valid UTF-8")
 
 
-@pytest.mark.parametrize("content,needle", [
-    (bytes(range(256)) * 8, "not UTF-8 text (byte 0x80 at offset 128"),
-    ("Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 50, "not UTF-8 text (byte 0xe9 at offset 3"),
-    (b"\x00" * 64, "a binary file, not text"),
-    (b"", "empty file"),
-    (b"too short\n", "too short for perplexity"),
-])
-def test_eval_text_that_is_binary_latin1_empty_or_short(tmp_path, content, needle):
-    f = tmp_path / "text.txt"
-    f.write_bytes(content)
-    one_error_line(cli("eval", "--text", f, timeout=300), f"--text {f}", needle)
+TEXTS = {
+    "binary": (bytes(range(256)) * 8, "not UTF-8 text (byte 0x80 at offset 128"),
+    "latin-1": ("Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 50, "not UTF-8 text (byte 0xe9 at offset 3"),
+    "nul": (b"\x00" * 64, "a binary file, not text"),
+    "empty": (b"", "empty file"),
+    "short": (b"too short\n", "too short for perplexity"),
+}
+
+
+def test_eval_text_that_is_binary_latin1_empty_or_short(tmp_path):
+    from exporter.api import evaluate
+
+    for name, (content, needle) in TEXTS.items():
+        f = tmp_path / f"{name}.txt"
+        f.write_bytes(content)
+        with pytest.raises(ExportError) as e:
+            evaluate("tiny", f, windows=1)
+        assert f"--text {f}" in str(e.value) and needle in str(e.value), (name, str(e.value))
+    one_error_line(cli("eval", "--text", tmp_path / "latin-1.txt", timeout=300), "--text", TEXTS["latin-1"][1])
 
 
 def png(width: int, height: int, rows: bytes | None = None) -> bytes:
