@@ -167,12 +167,12 @@ def bundle_references(doc, label: str) -> list[tuple[str, str]]:
             if top and key in PROVENANCE_KEYS:
                 continue
             here = f"{where}.{key}" if where else str(key)
-            values = v if key in REFERENCE_KEYS and isinstance(v, list) else [v]
-            if key in REFERENCE_KEYS and all(isinstance(x, str) for x in values):
-                for x in values:
+            values = [(f"{here}[{i}]", x) for i, x in enumerate(v)] if isinstance(v, list) else [(here, v)]
+            if key in REFERENCE_KEYS and all(isinstance(x, str) for _, x in values):
+                for at, x in values:
                     word = x.split()[0] if x.split() else ""
                     if PATH_LIKE.fullmatch(word) and ("/" in word or "." in word) and word not in (".", ".."):
-                        refs.append((word.rstrip("/"), f"{label} {here}"))
+                        refs.append((word.rstrip("/"), f"{label} {at}"))
             else:
                 walk(v, here, False)
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,9 @@ def _ffi_include() -> Path:
 
 
 FETCH_HINT = "run `bash scripts/install.sh` (or `python3 -m runner.build --fetch-wheels`) once with access to PyPI"
-OFFLINE_SIGNS = ("NameResolutionError", "Temporary failure in name resolution", "Failed to establish a new connection",
-                 "Network is unreachable", "ConnectTimeout", "ProxyError", "Max retries exceeded")
+# what pip -v says when PyPI cannot be reached (its last line then wrongly claims the version does not exist)
+OFFLINE = re.compile(r"Failed to establish a new connection: (\[Errno -?\d+\] [^'\")]+)|connection error: ([^(]+)"
+                     r"|(Temporary failure in name resolution|Network is unreachable|timed out)")
 
 
 def wheel_problem(wheel_dir: Path) -> str | None:
@@ -107,16 +109,16 @@ def fetch_wheels(wheel_dir: Path, say=print) -> list[Path]:
         return cached_wheels(wheel_dir)
     wheel_dir.mkdir(parents=True, exist_ok=True)
     say(f"downloading the aarch64 apache-tvm / apache-tvm-ffi wheels from PyPI into {wheel_dir}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+    cmd = [sys.executable, "-m", "pip", "download", "-v", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", str(wheel_dir),
            f"apache-tvm=={TVM_VERSION}", f"apache-tvm-ffi=={TVM_FFI_VERSION}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        out = proc.stdout + proc.stderr
-        sign = next((s for s in OFFLINE_SIGNS if s in out), None)
+        offline = OFFLINE.search(proc.stdout + proc.stderr)
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        raise ExportError(f"pip download of the aarch64 TVM wheels failed: no network access to PyPI ({sign})"
-                          if sign else f"pip download of the aarch64 TVM wheels failed: {last}")
+        raise ExportError("pip download of the aarch64 TVM wheels failed: " + (
+            f"PyPI cannot be reached ({next(g for g in offline.groups() if g).strip()}); connect to the network "
+            f"(or set PIP_INDEX_URL to a reachable mirror) and run it again" if offline else last))
     return cached_wheels(wheel_dir)
 
 
