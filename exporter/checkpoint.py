@@ -245,7 +245,10 @@ def _read_header(shard: Path) -> tuple[int, dict]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         for key, v in header.items():
-            if key != "__metadata__" and not _entry_ok(v):
+            if key == "__metadata__":
+                if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+                    raise ValueError("__metadata__ must map names to strings")
+            elif not _entry_ok(v):
                 raise ValueError(f"bad entry for tensor '{key}'")
     except (ValueError, RecursionError) as e:
         raise ExportError(f"{shard}: corrupt safetensors shard ({e})") from None
@@ -255,7 +258,8 @@ def _read_header(shard: Path) -> tuple[int, dict]:
 def _entry_ok(v) -> bool:
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-    if not (isinstance(v, dict) and v.get("dtype") in DTYPE_BYTES and isinstance(v.get("shape"), list)
+    if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in DTYPE_BYTES
+            and isinstance(v.get("shape"), list)
             and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2):
         return False
     (a, b), shape = v["data_offsets"], v["shape"]

@@ -151,6 +151,12 @@ def check_schema(manifest: dict, label: str = MANIFEST) -> list[str]:
     return problems
 
 
+def inside(rel) -> bool:
+    """``rel`` is a non-empty relative path that stays inside the bundle (and that a filesystem takes)."""
+    return isinstance(rel, str) and bool(rel.strip("/")) and not rel.startswith("/") and ".." not in rel.split("/") \
+        and "\0" not in rel and all(len(part.encode("utf-8", "replace")) <= 255 for part in rel.split("/"))
+
+
 def bundle_references(doc, label: str) -> list[tuple[str, str]]:
     """[(bundle-relative path, where it is named)] for every file reference in a bundle's JSON
     document (manifest.json, mlc-chat-config.json): see REFERENCE_KEYS."""
@@ -192,7 +198,7 @@ def check_references(bundle: Path, manifest: dict, files: dict) -> list[str]:
             return [f"{chat}: not valid JSON ({e})"]
     problems = []
     for rel, where in refs:
-        if ".." in rel.split("/") or rel.startswith("/"):
+        if not inside(rel):
             problems.append(f"{where}: unsafe path '{rel}'")
         elif rel in files or any(k.startswith(rel + "/") for k in files):
             continue      # hashed; check_files reports it if it is missing or differs
@@ -238,8 +244,8 @@ def check_libs(bundle: Path, libs: dict, prefix: str, label: str) -> list[str]:
         want_machine = "x86_64" if backend == "host" else "aarch64"
         for kind in ("tar", "so"):
             rel = lib.get(kind) if isinstance(lib, dict) else None
-            if not rel or not (bundle / rel).is_file():
-                continue      # a missing listed file is already reported by check_files
+            if not inside(rel) or not (bundle / rel).is_file():
+                continue      # missing or unsafe: reported by check_references
             try:
                 members = library_symbols(bundle / rel)
             except ExportError as e:
@@ -291,8 +297,8 @@ def check_coreml(bundle: Path, manifest: dict) -> list[str]:
     mf = bundle / MANIFEST
     if "coremltools" not in versions:
         return [f"{mf}: versions has no 'coremltools' (the converter of the .mlpackage)"]
-    if not isinstance(info, dict) or not isinstance(info.get("package"), str):
-        return [f"{mf}: ios bundle without coreml.package"]
+    if not isinstance(info, dict) or not inside(info.get("package")):
+        return [f"{mf}: ios bundle without coreml.package (a folder inside the bundle)"]
     problems = []
     if _major(versions["coremltools"]) < COREMLTOOLS_MIN_MAJOR:
         problems.append(f"{mf}: coremltools {versions['coremltools']} cannot write stateful multifunction "
@@ -341,7 +347,8 @@ def runner_files(bundle: Path, manifest: dict) -> dict:
     table = {"runner/BUILD.json": {"sha256": sha256_file(build), "size": build.stat().st_size}}
     for rel, digest in files.items():
         path = bundle / "runner" / rel
-        table[f"runner/{rel}"] = {"sha256": digest, "size": path.stat().st_size if path.is_file() else -1}
+        table[f"runner/{rel}"] = {"sha256": digest, "size": path.stat().st_size
+                                  if inside(rel) and path.is_file() else -1}
     return table
 
 
