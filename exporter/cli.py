@@ -31,7 +31,7 @@ def user_errors(fn):
                 raise
             fail(f"{e.filename or 'a write'}: no space left on the device")
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written", status=130)
+            fail("interrupted", status=130)
     return wrapper
 
 
