@@ -18,6 +18,7 @@ from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
 from exporter.quality import QualityReport, gate, implausible, perplexity
+from exporter.recipes import get_recipe
 from exporter.verify import verify_bundle
 from tests.support.cli import ROOT, cli, nothing_partial, one_error_line
 
@@ -153,10 +154,12 @@ def test_checkpoint_file_and_path_like_model(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
     one_error_line(cli("eval", "--checkpoint", f, "--text", EVAL, timeout=120), "is a file", "config.json")
-    for model in ("../models/tinycpm-docs", "openbmb/MiniCPM-2B-sft-bf16", "~/ckpt"):
-        one_error_line(cli("android", "--model", model, "--out", tmp_path / "b", timeout=120),
-                       f"--model '{model}': a recipe name is expected", "--checkpoint DIR")
+    one_error_line(cli("android", "--model", "../models/tinycpm-docs", "--out", tmp_path / "b", timeout=120),
+                   "--model '../models/tinycpm-docs': a recipe name is expected", "--checkpoint DIR")
     assert not (tmp_path / "b").exists()
+    for model in ("openbmb/MiniCPM-2B-sft-bf16", "~/ckpt", "tiny.toml", ""):
+        with pytest.raises(ExportError, match=f"--model '{model}': a recipe name is expected"):
+            get_recipe(model)
 
 
 def test_untied_config_without_lm_head_names_the_flag_and_key(tiny_copy):
