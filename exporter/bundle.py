@@ -121,14 +121,32 @@ class Staging:
         return self.out
 
     def __exit__(self, typ=None, exc=None, tb=None) -> None:
+        full = self.created and disk_full(exc, self.dir)
         if self.created and not self.done:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ExportError(f"{exc.filename or self.out.parent}: no space left on the device "
-                              f"(nothing was written to --out {self.out})") from None
+        if full:
+            where = exc.filename if isinstance(exc, OSError) and exc.filename else self.out.parent
+            raise ExportError(f"{where}: no space left on the device (nothing was written to --out "
+                              f"{self.out})") from None
+
+
+def disk_full(exc: BaseException | None, where: Path) -> bool:
+    """Did ``exc`` come from a full filesystem? ENOSPC itself, or a failure of a tool writing there
+    (a linker's "No space left on device") while ``where``'s filesystem has no room left."""
+    if exc is None or isinstance(exc, (ExportError, KeyboardInterrupt)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if os.strerror(errno.ENOSPC) in str(exc) or os.strerror(errno.EDQUOT) in str(exc):
+        return True
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def check_out(out: Path, force: bool) -> None:
