@@ -8,7 +8,6 @@ import random
 import shutil
 import struct
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,11 @@ from safetensors.torch import save as st_save
 from exporter.bundle import MANIFEST, manifest_text
 from exporter.checkpoint import open_checkpoint
 from exporter.errors import ExportError
+from exporter.recipes import EMBEDDED_DIR
 from exporter.verify import verify_bundle
 from tests.support.release_bundles import assemble_bundle, compile_libs
 
-TINY = Path(__file__).resolve().parent.parent / "models" / "tinycpm-docs"
+TINY = EMBEDDED_DIR / "tinycpm-docs"
 CASES = 300
 ODD_VALUES = [None, True, False, -1, 0, 7, 2**63, -2**70, 1e308, math.inf, math.nan, 0.5, "", "x", "F32", "BF16",
               "../../etc/passwd", "/etc/passwd", "lib/cpu/model.tar", "a" * 300, [], {}, [1, "a"], [[[]]],
