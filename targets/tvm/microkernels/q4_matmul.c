@@ -569,77 +569,6 @@ KEXPORT int32_t KSYM(q8_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
   }
 }
 
-/* ------------------------------------------------------------------ decode attention (paged KV cache)
- * Replaces TVM's CPU decode kernel of the paged KV cache (tvm.relax.frontend.nn.llm, 0.27:
- * "batch_decode_paged_kv_cpu": serial over heads, scalar, one exp2 call per row per dimension loop),
- * same arguments and results; kernels.py's wrapper runs the query heads as a parallel loop.
- * Q [B, Hq, D], pages [P, 2, Hkv, page, D] (0 = K, 1 = V), page_indptr [B+1] and page_values:
- * the pages of each sequence, last_len [B]: slots used in its last page; output [B, Hq, D] and
- * lse [B, Hq] (log2 of the softmax denominator plus the max, what the cache merges with).  float32,
- * no sliding window.  RoPE must already be applied (the model's RopeMode.NORMAL): with rotary_mode 1
- * the output is NaN so that verification fails loudly. */
-#define ATT_CHUNK 64
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-  float r = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; i++) r += a[i] * b[i];
-  return r;
-}
-
-static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
-                             const DLT* len_t, DLT* ot, DLT* lset, int64_t h, int32_t rotary_mode, float sm_scale) {
-  const int64_t B = qt->shape[0], Hq = qt->shape[1], D = qt->shape[2];
-  const int64_t Hkv = pt->shape[2], page = pt->shape[3], kvh = h / (Hq / Hkv);
-  const float* pages = PTR(const float, pt);
-  const int32_t* indptr = PTR(const int32_t, indptr_t);
-  const int32_t* values = PTR(const int32_t, values_t);
-  const int32_t* last_len = PTR(const int32_t, len_t);
-  const float scale = sm_scale * 1.4426950408889634f;          /* scores in log2 units: exp2 below */
-  for (int64_t b = 0; b < B; b++) {
-    const float* q = PTR(const float, qt) + (b * Hq + h) * D;
-    float* o = PTR(float, ot) + (b * Hq + h) * D;
-    const int32_t p0 = indptr[b], np = indptr[b + 1] - p0;
-    const int64_t n = np > 0 ? (int64_t)(np - 1) * page + last_len[b] : 0;
-    float m = -5e4f, den = 0.f, sc[ATT_CHUNK];
-    for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-    for (int64_t c = 0; c < n; c += ATT_CHUNK) {
-      const int64_t e = c + ATT_CHUNK < n ? c + ATT_CHUNK : n;
-      float cm = m;
-      for (int64_t i = c; i < e; i++) {
-        const float* k = pages + (((int64_t)values[p0 + i / page] * 2 * Hkv + kvh) * page + i % page) * D;
-        sc[i - c] = dot_f32(q, k, D) * scale;
-        cm = sc[i - c] > cm ? sc[i - c] : cm;
-      }
-      const float rescale = __builtin_exp2f(m - cm);                /* earlier rows, to the new max */
-      den *= rescale;
-      for (int64_t d = 0; d < D; d++) o[d] *= rescale;
-      for (int64_t i = c; i < e; i++) {
-        const float pw = __builtin_exp2f(sc[i - c] - cm);
-        const float* v = pages + ((((int64_t)values[p0 + i / page] * 2 + 1) * Hkv + kvh) * page + i % page) * D;
-        den += pw;
-        for (int64_t d = 0; d < D; d++) o[d] += pw * v[d];
-      }
-      m = cm;
-    }
-    const float inv = (den > 0.f ? 1.f / den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
-    for (int64_t d = 0; d < D; d++) o[d] *= inv;
-    PTR(float, lset)[b * Hq + h] = m + (den > 0.f ? __builtin_log2f(den) : 0.f);
-  }
-}
-
-/* Parallel slot t of n: query heads [t*Hq/n, (t+1)*Hq/n). */
-KEXPORT int32_t KSYM(attn_decode)(const DLT* q, const DLT* pages, const DLT* indptr, const DLT* values,
-                                  const DLT* last_len, DLT* out, DLT* lse, int32_t t, int32_t n,
-                                  int32_t rotary_mode, float sm_scale) {
-  const int64_t Hq = q->shape[1];
-  for (int64_t h = t * Hq / n; h < (t + 1) * Hq / n; h++)
-    attn_decode_head(q, pages, indptr, values, last_len, out, lse, h, rotary_mode, sm_scale);
-  return 0;
-}
-
 /* ------------------------------------------------------------------ int8 weight GEMM (vision encoder)
  * The q8 weights of docs/DESIGN.md (int8 [n_out, Kp], f16 scale per 32 inputs; Kp = k rounded up to 32,
  * zero columns) against many tokens at once (the vision encoder's ~1024 patches): a real GEMM, not one
@@ -993,3 +922,7 @@ KEXPORT int32_t KSYM(vq8_matmul_dyn)(const DLT* qwt, const DLT* sct, const DLT* 
              PTR(float, yt), m, n_out, Kp, r0, r0 + VQ8_ROWS < n_out ? r0 + VQ8_ROWS : n_out);
   }
 }
+
+/* ------------------------------------------------------------------ further kernels, same translation unit
+ * (kernels.py compiles this file; the others share its DLTensor, symbol and fp16 helpers). */
+#include "attention.c"
