@@ -105,7 +105,7 @@ def test_fused_matches_numpy_host(tmp_path, mcpu):
     for i, (kind, bits, n_out, n_in) in enumerate(cases):
         vm = build_host(linear_ir(n_out, n_in, kind), target, tmp_path / f"lin{i}.so")
         qw, sc = weights(n_out, n_in, seed=i, bits=bits)
-        for n in (1, 5):   # decode GEMV and prefill GEMM
+        for n in (1, 5, 39):   # decode GEMV; prefill GEMM: 4-token tiles + tail, 32-token blocks + tail
             x = np.random.default_rng(10 + n).standard_normal((1, n, n_in)).astype(np.float32)
             y = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(sc)).numpy()
             assert y.shape == (1, n, n_out)
@@ -228,7 +228,7 @@ def test_fused_matches_numpy_aarch64_qemu(tmp_path, mattr):
         ex = tvm.compile(kernels.optimize_for_cpu(linear_ir(n_out, n_in, kind), target), target)
         ex.export_library(str(lib), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
         qw, sc = weights(n_out, n_in, seed=i, bits=bits)
-        for n in (1, 5):
+        for n in (1, 5, 39):
             x = np.random.default_rng(10 + n).standard_normal((1, n, n_in)).astype(np.float32)
             files = [tmp_path / f for f in ("x.bin", "qw.bin", "sc.bin", "y.bin")]
             for arr, f in zip((x, qw, sc), files):

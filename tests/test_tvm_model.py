@@ -18,7 +18,6 @@ from exporter.model import MiniCPM
 from exporter.quant import quantize_state_dict
 from exporter.tokenizer import Tokenizer
 from targets.tvm import pipeline
-from targets.tvm.model import kv_cache_bytes
 from targets.tvm.params import read_tensor_cache, tvm_params, write_tensor_cache
 from targets.tvm.runner import TVMModel
 from targets.tvm.target import VERIFY_PROMPT
@@ -71,8 +70,7 @@ def test_greedy_tokens_and_logits_match_reference(built, tiny):
 
 
 def test_float16_kv_cache_matches_reference(tiny):
-    """The shipped KV dtype (float16): same greedy tokens, logits within LOGIT_ATOL_KV16; and the cache
-    holds half the bytes of float32."""
+    """The shipped KV dtype (float16): same greedy tokens, logits within LOGIT_ATOL_KV16."""
     cfg, state, prompt = tiny
     _, model, _ = _build(cfg, None, state, kv_dtype="float16")
     got = model.generate(prompt, 24)
@@ -81,7 +79,6 @@ def test_float16_kv_cache_matches_reference(tiny):
     assert got.tokens == want
     diff = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got.logits, ref_logits))
     assert diff < LOGIT_ATOL_KV16, diff
-    assert kv_cache_bytes(cfg, 2048, "float16") * 2 == kv_cache_bytes(cfg, 2048, "float32")
 
 
 def test_prefill_chunking_does_not_change_logits(built, tiny):

@@ -394,9 +394,11 @@ static inline void rows2_dot4(const uint8_t* w, const uint16_t* s, const int8_t*
 }
 #endif
 
+#include "q4_gemm.c"       /* the prefill GEMM: q4_gemm_rows */
+
 /* y[t, r] for all tokens t and weight rows r0 <= r < r1: qw uint32 [n_out, k/8], sc f16 [n_out, k/32],
  * the quantised activations of mcpm_q4_quant_act, y float32 [m, n_out].  r0/r1 are int32: TVM's
- * parallel-loop lowering passes the task range as i32. */
+ * parallel-loop lowering passes the task range as i32.  Four tokens or more: the GEMM of q4_gemm.c. */
 KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* nbt, const DLT* xdt,
                             DLT* yt, int32_t r0, int32_t r1) {
   const uint32_t* qw = PTR(const uint32_t, qwt);
@@ -407,31 +409,14 @@ KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* 
   float* y = PTR(float, yt);
   const int64_t m = yt->shape[0], n_out = yt->shape[1], k = qwt->shape[1] * 8;
   const int64_t G = k / 32;
-  int64_t r = r0;
-#ifdef HAVE_MMLA
-  if (m >= 4)
-    for (; r + 2 <= r1; r += 2) {
-      int64_t t = 0;
-      for (; t + 4 <= m; t += 4)
-        rows2_dot4((const uint8_t*)(qw + r * (k / 8)), sc + r * G, xq + t * k, nb + t * (k / 8), xd + t * G, G, k,
-                   y + t * n_out + r, n_out);
-      for (; t < m; t++)
-        for (int64_t i = r; i < r + 2; i++)
-          y[t * n_out + i] = row_dot((const uint8_t*)(qw + i * (k / 8)), sc + i * G, xq + t * k,
-                                     nb + t * (k / 8), xd + t * G, G);
-    }
-#endif
-  for (; r < r1; r++) {
-    const uint8_t* w = (const uint8_t*)(qw + r * (k / 8));
-    const uint16_t* s = sc + r * G;
-    int64_t t = 0;
-#ifdef HAVE_DOT4
-    for (; t + 4 <= m; t += 4)
-      row_dot4(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G, k, y + t * n_out + r, n_out);
-#endif
-    for (; t < m; t++)
-      y[t * n_out + r] = row_dot(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G);
+  if (m >= 4) {
+    q4_gemm_rows(qw, sc, xq, nb, xd, y, m, n_out, k, r0, r1);
+    return 0;
   }
+  for (int64_t r = r0; r < r1; r++)
+    for (int64_t t = 0; t < m; t++)
+      y[t * n_out + r] = row_dot((const uint8_t*)(qw + r * (k / 8)), sc + r * G, xq + t * k, nb + t * (k / 8),
+                                 xd + t * G, G);
   return 0;
 }
 
@@ -925,4 +910,4 @@ KEXPORT int32_t KSYM(vq8_matmul_dyn)(const DLT* qwt, const DLT* sct, const DLT* 
 
 /* ------------------------------------------------------------------ further kernels, same translation unit
  * (kernels.py compiles this file; the others share its DLTensor, symbol and fp16 helpers). */
-#include "attention.c"
+#include "attention.c"   /* decode + prefill attention of the paged KV cache */
