@@ -248,33 +248,37 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   r = _mm_cvtss_f32(q);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
+  /* 4 groups (64 weight bytes, one prefetch) per iteration, one accumulator each: no loop-carried
+   * chain through a single fmla, no per-group branches (bench/arm_kernels.py models this loop). */
   const uint8x16_t mask = vdupq_n_u8(15);
-  float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
-  for (; g < G; g++) {
-    if (!(g & 3)) PREFETCH(w + g * 16);
+  float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+  for (; g + 4 <= G; g += 4) {
+    PREFETCH(w + g * 16);
     if (!(g & 31)) PREFETCH(s + g);
-    const uint8x16_t wb = vld1q_u8(w + g * 16);
-    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
-    const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
-    const int8x16_t xl = vld1q_s8(xq + g * 32), xh = vld1q_s8(xq + g * 32 + 16);
-    int32x4_t a = vld1q_s32(nb + g * 4);
+    const float32x4_t sd = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + g))), vld1q_f32(xd + g));
+    int32x4_t a[4];
+    for (int j = 0; j < 4; j++) {
+      const uint8x16_t wb = vld1q_u8(w + (g + j) * 16);
+      const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
+      const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
+      const int8x16_t xl = vld1q_s8(xq + (g + j) * 32), xh = vld1q_s8(xq + (g + j) * 32 + 16);
+      a[j] = vld1q_s32(nb + (g + j) * 4);
 #ifdef __ARM_FEATURE_DOTPROD
-    a = vdotq_s32(a, lo, xl);
-    a = vdotq_s32(a, hi, xh);
+      a[j] = vdotq_s32(vdotq_s32(a[j], lo, xl), hi, xh);
 #else
-    int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(xl));
-    p0 = vmlal_s8(p0, vget_low_s8(hi), vget_low_s8(xh));
-    int16x8_t p1 = vmull_s8(vget_high_s8(lo), vget_high_s8(xl));
-    p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(xh));
-    a = vpadalq_s16(vpadalq_s16(a, p0), p1);
+      int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(xl));
+      p0 = vmlal_s8(p0, vget_low_s8(hi), vget_low_s8(xh));
+      int16x8_t p1 = vmull_s8(vget_high_s8(lo), vget_high_s8(xl));
+      p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(xh));
+      a[j] = vpadalq_s16(vpadalq_s16(a[j], p0), p1);
 #endif
-    union { uint16_t u; __fp16 f; } hs;
-    hs.u = s[g];
-    const float sd = (float)hs.f * xd[g];
-    if (g & 1) acc1 = vfmaq_n_f32(acc1, vcvtq_f32_s32(a), sd);
-    else acc0 = vfmaq_n_f32(acc0, vcvtq_f32_s32(a), sd);
+    }
+    acc[0] = vfmaq_laneq_f32(acc[0], vcvtq_f32_s32(a[0]), sd, 0);
+    acc[1] = vfmaq_laneq_f32(acc[1], vcvtq_f32_s32(a[1]), sd, 1);
+    acc[2] = vfmaq_laneq_f32(acc[2], vcvtq_f32_s32(a[2]), sd, 2);
+    acc[3] = vfmaq_laneq_f32(acc[3], vcvtq_f32_s32(a[3]), sd, 3);
   }
-  r = vaddvq_f32(vaddq_f32(acc0, acc1));
+  r = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
 #endif
   for (; g < G; g++) r += group_dot(w + g * 16, s[g], xq + g * 32, nb + g * 4, xd[g]);
   return r;
