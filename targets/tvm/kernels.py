@@ -262,10 +262,29 @@ def prefill_attention_func(prefix: str) -> tirx.PrimFunc:
     return attn_prefill
 
 
+def prefill_paged_attention_func(prefix: str) -> tirx.PrimFunc:
+    """Drop-in for TVM's CPU paged prefill attention (a chunk's queries against the cached prefix; same
+    parameters): PARALLEL_SLOTS parallel calls of <prefix>attn_prefill_paged, tasks as the ragged one."""
+    sym, slots = f"{prefix}attn_prefill_paged", PARALLEL_SLOTS
+
+    @T.prim_func(private=True)
+    def attn_prefill_paged(q: T.handle, q_indptr: T.handle, pages: T.handle, page_indptr: T.handle,
+                           page_values: T.handle, length_info: T.handle, k_rope_pos_offset: T.handle,
+                           q_rope_position: T.handle, output: T.handle, lse: T.handle, causal: T.int32,
+                           rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", sym, q, q_indptr, pages, page_indptr, page_values, length_info, output,
+                                     lse, t, slots, causal, rotary_mode, sm_scale))
+
+    return attn_prefill_paged
+
+
 # TVM 0.27 TIRPagedKVCache CPU kernels (no sliding window) -> (parameter count, wrapper maker). The
 # query buffer's dtype is the cache's: float32 or float16; head_dim at most the C kernels' ATT_MAXD.
 ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, decode_attention_func),
-                     "batch_prefill_ragged_kv": (14, prefill_attention_func)}
+                     "batch_prefill_ragged_kv": (14, prefill_attention_func),
+                     "batch_prefill_paged_kv_cpu": (15, prefill_paged_attention_func)}
 ATT_MAXD = 128
 
 
@@ -277,7 +296,7 @@ def _attention_ok(func: tirx.PrimFunc) -> bool:
 
 
 def replace_attention(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
-    """Swap TVM's serial, scalar CPU decode and ragged-prefill attention for the microkernel versions;
+    """Swap TVM's serial, scalar CPU decode, ragged-prefill and paged-prefill attention for the microkernel versions;
     returns (module, kernels replaced)."""
     count = 0
     for gv, func in list(mod.functions.items()):
@@ -399,7 +418,7 @@ def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``, and
-    replace the KV cache's decode and prefill attention by the microkernel ones.
+    replace the KV cache's decode and prefill (ragged and paged) attention by the microkernel ones.
 
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).

@@ -145,18 +145,31 @@ KEXPORT int32_t KSYM(attn_decode)(const DLT* q, const DLT* pages, const DLT* ind
   return 0;
 }
 
-/* ------------------------------------------------------------------ prefill ("batch_prefill_ragged_kv")
- * Self-attention of a chunk's new tokens: q [Nq, Hq, D], k and v [Nk, Hkv, D], q_indptr / kv_indptr
- * [B+1] (rows of each sequence), output [Nq, Hq, D], lse [Nq, Hq]; causal: query row r of a sequence
- * with Lq queries and Lk keys sees keys c < Lk - Lq + r + 1.
+/* ------------------------------------------------------------------ prefill
+ * "batch_prefill_ragged_kv", self-attention of a chunk's new tokens: q [Nq, Hq, D], k and v [Nk, Hkv, D],
+ * q_indptr / kv_indptr [B+1] (rows of each sequence); "batch_prefill_paged_kv_cpu", the chunk's queries
+ * against the keys already in the pages (chunked prefill; the cache merges both by lse): the keys of
+ * sequence b are those of decode above.  Both: output [Nq, Hq, D], lse [Nq, Hq]; causal: query row r of
+ * a sequence with Lq queries and Lk keys sees keys c < Lk - Lq + r + 1.
  * Blocked like flash attention: a task is one head x PF_Q query rows; it walks the visible keys PF_K
  * at a time (K transposed into a float block, so S = Q K^T is broadcast-FMAs over 64 keys), keeps a
  * running max / denominator per row (online softmax) and accumulates O = P V.  Work per query row is
  * proportional to the keys it sees; nothing is allocated (blocks on the stack, ~85 KB). */
-static void attn_prefill_task(const DLT* qt, const DLT* kt, const DLT* vt, DLT* ot, DLT* lset, int64_t h,
-                              int64_t qbase, int64_t r0, int64_t nr, int64_t kbase, int64_t lq, int64_t lk,
-                              int32_t causal, int32_t rotary_mode, float scale) {
-  const int64_t Hq = qt->shape[1], D = qt->shape[2], Hkv = kt->shape[1], kvh = h / (Hq / Hkv);
+typedef struct {          /* where key j of a sequence lives: ragged k/v tensors, or the cache's pages */
+  const DLT *k, *v;        /* ragged: k, v [N, Hkv, D]; paged: k = v = pages [P, 2, Hkv, page, D] */
+  const int32_t* pages;    /* paged: the sequence's page numbers (NULL: ragged) */
+  int64_t base, page, Hkv;  /* ragged: first row of the sequence; paged: slots per page */
+} KVSrc;
+
+static inline int64_t kv_offset(const KVSrc* src, int64_t j, int64_t kvh, int64_t D, int is_v) {
+  if (!src->pages) return ((src->base + j) * src->Hkv + kvh) * D;
+  return ((((int64_t)src->pages[j / src->page] * 2 + is_v) * src->Hkv + kvh) * src->page + j % src->page) * D;
+}
+
+static void attn_prefill_task(const DLT* qt, const KVSrc* src, DLT* ot, DLT* lset, int64_t h, int64_t qbase,
+                              int64_t r0, int64_t nr, int64_t lq, int64_t lk, int32_t causal, int32_t rotary_mode,
+                              float scale) {
+  const int64_t Hq = qt->shape[1], D = qt->shape[2], kvh = h / (Hq / src->Hkv);
   float Q[PF_Q][ATT_MAXD], O[PF_Q][ATT_MAXD], Kt[ATT_MAXD][PF_K], V[PF_K][ATT_MAXD], S[PF_Q][PF_K];
   float m[PF_Q], l[PF_Q];
   int64_t lim[PF_Q], kend = 0;
@@ -173,9 +186,9 @@ static void attn_prefill_task(const DLT* qt, const DLT* kt, const DLT* vt, DLT* 
   for (int64_t c0 = 0; c0 < kend; c0 += PF_K) {
     const int64_t nk = c0 + PF_K < kend ? PF_K : kend - c0;
     for (int64_t j = 0; j < nk; j++) {
-      att_load(kt, ((kbase + c0 + j) * Hkv + kvh) * D, row, D);
+      att_load(src->k, kv_offset(src, c0 + j, kvh, D, 0), row, D);
       for (int64_t d = 0; d < D; d++) Kt[d][j] = row[d];
-      att_load(vt, ((kbase + c0 + j) * Hkv + kvh) * D, V[j], D);
+      att_load(src->v, kv_offset(src, c0 + j, kvh, D, 1), V[j], D);
     }
     for (int64_t j = nk; j < PF_K; j++)
       for (int64_t d = 0; d < D; d++) Kt[d][j] = 0.f;
@@ -214,24 +227,47 @@ static void attn_prefill_task(const DLT* qt, const DLT* kt, const DLT* vt, DLT* 
   }
 }
 
-/* Parallel slot t of n takes tasks t, t + n, ...; tasks are numbered query block-major (block qb of
- * every head, then qb + 1), so that causal blocks of equal cost are spread over the slots. */
+/* The tasks of sequence b (Lq queries, Lk keys from src) that parallel slot t of n owns: tasks are
+ * numbered query block-major (block qb of every head, then qb + 1) from *task on, slot t takes t, t + n,
+ * ..., so that causal blocks of equal cost are spread over the slots. */
+static void attn_prefill_seq(const DLT* q, const KVSrc* src, DLT* out, DLT* lse, int64_t qbase, int64_t lq,
+                             int64_t lk, int64_t* task, int32_t t, int32_t n, int32_t causal, int32_t rotary_mode,
+                             float sm_scale) {
+  const int64_t Hq = q->shape[1], nblk = (lq + PF_Q - 1) / PF_Q;
+  for (int64_t qb = 0; qb < nblk; qb++)
+    for (int64_t h = 0; h < Hq; h++, (*task)++) {
+      if (*task % n != t) continue;
+      const int64_t r0 = qb * PF_Q, nr = lq - r0 < PF_Q ? lq - r0 : PF_Q;
+      attn_prefill_task(q, src, out, lse, h, qbase, r0, nr, lq, lk, causal, rotary_mode, sm_scale * LOG2E);
+    }
+}
+
 KEXPORT int32_t KSYM(attn_prefill)(const DLT* q, const DLT* q_indptr, const DLT* k, const DLT* v,
                                    const DLT* kv_indptr, DLT* out, DLT* lse, int32_t t, int32_t n,
                                    int32_t causal, int32_t rotary_mode, float sm_scale) {
-  const int64_t Hq = q->shape[1], B = q_indptr->shape[0] - 1;
   const int32_t* qi = PTR(const int32_t, q_indptr);
   const int32_t* ki = PTR(const int32_t, kv_indptr);
   int64_t task = 0;
-  for (int64_t b = 0; b < B; b++) {
-    const int64_t lq = qi[b + 1] - qi[b], lk = ki[b + 1] - ki[b], nblk = (lq + PF_Q - 1) / PF_Q;
-    for (int64_t qb = 0; qb < nblk; qb++)
-      for (int64_t h = 0; h < Hq; h++, task++) {
-        if (task % n != t) continue;
-        const int64_t r0 = qb * PF_Q, nr = lq - r0 < PF_Q ? lq - r0 : PF_Q;
-        attn_prefill_task(q, k, v, out, lse, h, qi[b], r0, nr, ki[b], lq, lk, causal, rotary_mode,
-                          sm_scale * LOG2E);
-      }
+  for (int64_t b = 0; b < q_indptr->shape[0] - 1; b++) {
+    const KVSrc src = {k, v, 0, ki[b], 0, k->shape[1]};
+    attn_prefill_seq(q, &src, out, lse, qi[b], qi[b + 1] - qi[b], ki[b + 1] - ki[b], &task, t, n, causal,
+                     rotary_mode, sm_scale);
+  }
+  return 0;
+}
+
+KEXPORT int32_t KSYM(attn_prefill_paged)(const DLT* q, const DLT* q_indptr, const DLT* pages, const DLT* page_indptr,
+                                         const DLT* page_values, const DLT* last_len, DLT* out, DLT* lse, int32_t t,
+                                         int32_t n, int32_t causal, int32_t rotary_mode, float sm_scale) {
+  const int32_t* qi = PTR(const int32_t, q_indptr);
+  const int32_t* pi = PTR(const int32_t, page_indptr);
+  const int32_t* pv = PTR(const int32_t, page_values);
+  const int32_t* ll = PTR(const int32_t, last_len);
+  int64_t task = 0;
+  for (int64_t b = 0; b < q_indptr->shape[0] - 1; b++) {
+    const int64_t np = pi[b + 1] - pi[b], lk = np > 0 ? (np - 1) * pages->shape[3] + ll[b] : 0;
+    const KVSrc src = {pages, pages, pv + pi[b], 0, pages->shape[3], pages->shape[2]};
+    attn_prefill_seq(q, &src, out, lse, qi[b], qi[b + 1] - qi[b], lk, &task, t, n, causal, rotary_mode, sm_scale);
   }
   return 0;
 }
