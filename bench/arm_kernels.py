@@ -1,6 +1,6 @@
 """The aarch64 int4 kernels modelled with llvm-mca (no phone here), against llama.cpp's NEON Q4_0 kernels.
 
-    python3 bench/arm_kernels.py [--mca llvm-mca-19] [--cpus cortex-a76,cortex-x2,neoverse-v2] [--json]
+    python3 bench/arm_kernels.py [--mca llvm-mca-19] [--cpus neoverse-n1,cortex-x2,neoverse-v2] [--json]
 
 Compiles, with the same clang and flags for both (-O3, -march=armv8.2-a+dotprod, and
 armv8.6-a+dotprod+i8mm for the i8mm kernels):
@@ -10,7 +10,7 @@ armv8.6-a+dotprod+i8mm for the i8mm kernels):
   llama.cpp the llama-cpp-python sdist bench/decode_host.py builds (read from ~/.cache, never copied into
             this project): ggml_vec_dot_q4_0_q8_0 (arch/arm/quants.c), the repacked Q4_0x4 kernels
             ggml_gemv/gemm_q4_0_4x4_q8_0 (dotprod) and ggml_gemv/gemm_q4_0_4x8_q8_0 (i8mm) (arch/arm/repack.cpp)
-then takes each kernel's hot loop (the innermost loop with the most int8 multiply-adds), runs llvm-mca
+then takes each kernel's hot loop (from llvm-objdump of the object: llama.cpp writes sdot as `.inst` words) (the innermost loop with the most int8 multiply-adds), runs llvm-mca
 on it per core, and reports cycles per iteration (llvm-mca's total cycles / iterations: throughput and
 loop-carried dependencies, all loads L1 hits) divided by the iteration's 32-weight block-dots (int8
 multiply-adds / 32: sdot = 16, smmla = 32), i.e. cycles per 32 weights x 1 token.
@@ -174,7 +174,9 @@ def main(argv=None) -> dict:
                                            if shutil.which(m)), "llvm-mca"))
     ap.add_argument("--objdump", default=next((m for m in ("llvm-objdump-19", "llvm-objdump") if shutil.which(m)),
                                               "llvm-objdump"))
-    ap.add_argument("--cpus", default="cortex-a76,cortex-x2,neoverse-v2")
+    # LLVM 19's models: Neoverse N1 (the Cortex-A76 design; -mcpu=cortex-a76 itself gets the Cortex-A57
+    # model), Cortex-X2 (Neoverse N2 model), Neoverse V2 (the Cortex-X3 design, the newest Cortex-X class)
+    ap.add_argument("--cpus", default="neoverse-n1,cortex-x2,neoverse-v2")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     vendor = llama_vendor()
