@@ -189,7 +189,8 @@ def main(argv=None) -> dict:
     arm = vendor / "ggml" / "src" / "ggml-cpu" / "arch" / "arm"
     inc = [vendor / "ggml" / "include", vendor / "ggml" / "src", vendor / "ggml" / "src" / "ggml-cpu"]
     cpus = [c for c in args.cpus.split(",") if c]
-    res = {"mca": subprocess.run([args.mca, "--version"], capture_output=True, text=True).stdout.split("\n")[1].strip(),
+    ver = subprocess.run([args.mca, "--version"], capture_output=True, text=True).stdout
+    res = {"mca": next((ln.strip() for ln in ver.splitlines() if "version" in ln), args.mca),
            "clang_flags": FLAGS, "models": {c: sched_model(args.mca, c) for c in cpus}, "kernels": [],
            "roofline": roofline()}
     with tempfile.TemporaryDirectory() as t:
