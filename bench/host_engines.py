@@ -11,8 +11,10 @@ Engines (each in its best documented configuration for a CPU; handicapped varian
                      microkernels of targets/tvm/kernels.py, q4f16 everywhere, mcpu = this CPU
   llama.cpp          llama-cpp-python built from the PyPI sdist (GGML_NATIVE), pure Q4_0, its defaults:
                      weight repacking on (extra buffer types), default thread waits, n_ubatch 512
-  llama.cpp-norepack the same without weight repacking and with passive OpenMP waits (handicapped:
-                     how this bench ran llama.cpp before issue 11; an extra row only)
+  llama.cpp-passive  the same with passive OpenMP waits (OMP_WAIT_POLICY=PASSIVE): on a shared machine
+                     the default spin-waits collapse when a worker is descheduled (extra row)
+  llama.cpp-norepack no weight repacking and passive waits (handicapped: how this bench ran llama.cpp
+                     before issue 11; an extra row only)
   onnxruntime        bench/ort_minicpm.py: MatMulNBits int4 (accuracy_level 4), ORT session defaults
   torch              exporter/model.py eager, fp32 weights (the q4f16 weights dequantized)
 """
@@ -29,10 +31,11 @@ from pathlib import Path
 CACHE = Path.home() / ".cache" / "mcpm-export"
 LLAMA = CACHE / "llama_cpp"
 LLAMA_VERSION = "0.3.36"
-ENGINES = ("mcpm", "llama.cpp", "llama.cpp-norepack", "onnxruntime", "torch")
+ENGINES = ("mcpm", "llama.cpp", "llama.cpp-passive", "llama.cpp-norepack", "onnxruntime", "torch")
 # Environment per engine process. mcpm: TVM's pool without pinning (shared cores; measured better
-# here). llama.cpp-norepack: passive OpenMP waits, as before issue 11. Everything else: defaults.
-ENGINE_ENV = {"mcpm": {"TVM_BIND_THREADS": "0"}, "llama.cpp-norepack": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# here). llama.cpp-passive / -norepack: passive OpenMP waits. Everything else: defaults.
+ENGINE_ENV = {"mcpm": {"TVM_BIND_THREADS": "0"}, "llama.cpp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+              "llama.cpp-norepack": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def log(msg: str) -> None:
@@ -296,7 +299,7 @@ def make_session(name: str, cfg, qm, plan: Plan, threads: int, workdir: Path, ck
         return TorchSession(cfg, qm, plan, threads)
     if name == "onnxruntime":
         return OrtSession(cfg, qm, plan, threads, workdir)
-    return LlamaSession(cfg, plan, threads, ckpt, repack=(name == "llama.cpp"))
+    return LlamaSession(cfg, plan, threads, ckpt, repack=(name != "llama.cpp-norepack"))
 
 
 def worker_json(name: str, cfg, qm, plan: Plan, threads: int, workdir: Path, ckpt: Path) -> str:
