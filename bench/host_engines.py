@@ -9,7 +9,8 @@ OpenMP and torch's do not mix); decode_host.py interleaves the processes.
 Engines (each in its best documented configuration for a CPU; handicapped variants are labelled):
   mcpm               this project's host build: targets/tvm/pipeline.py (paged KV cache) with the
                      microkernels of targets/tvm/kernels.py, q4f16 everywhere, mcpu = this CPU
-  llama.cpp          llama-cpp-python built from the PyPI sdist (GGML_NATIVE), pure Q4_0, its defaults:
+  llama.cpp          llama-cpp-python built from the PyPI sdist (GGML_NATIVE) into $MCPM_EXPORT_CACHE/llama_cpp,
+                     GGUF via the sdist's convert_hf_to_gguf.py (bf16), then pure Q4_0, its defaults:
                      weight repacking on (extra buffer types), default thread waits, n_ubatch 512
   llama.cpp-passive  the same with passive OpenMP waits (OMP_WAIT_POLICY=PASSIVE): on a shared machine
                      the default spin-waits collapse when a worker is descheduled (extra row)
@@ -28,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE = Path.home() / ".cache" / "mcpm-export"
+from exporter.cache import cache_root
+
+CACHE = cache_root()
 LLAMA = CACHE / "llama_cpp"
 LLAMA_VERSION = "0.3.36"
 ENGINES = ("mcpm", "llama.cpp", "llama.cpp-passive", "llama.cpp-norepack", "onnxruntime", "torch")

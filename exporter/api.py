@@ -10,13 +10,14 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint, resolve_checkpoint
 from .config import MiniCPMConfig
 from .errors import ExportError
-from .model import MiniCPM
+from .model import MiniCPM, check_generation
 from .progress import Progress
-from .quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
-from .quant import SCHEMES, QuantizedModel
+from .quality import CALIBRATION_TEXT, WINDOW, QualityReport, gate, implausible, perplexity
+from .quant import GROUP, SCHEMES, QuantizedModel
+from .quantizers import QUANTIZERS
 from .recipes import Recipe, get_recipe
 from .streaming import quantize_streaming
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_text_file
 
 
 @dataclass
@@ -51,14 +52,18 @@ def load(recipe: str | Recipe, checkpoint: str | Path | None = None, prefix: str
 
 def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer, get, names: list[str],
                     scheme: str | None = None, progress: Progress | None = None,
-                    allow_quality_loss: bool = False) -> tuple[QuantizedModel, QualityReport | None]:
-    """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate."""
+                    allow_quality_loss: bool = False,
+                    quantizer: str | None = None) -> tuple[QuantizedModel, QualityReport | None]:
+    """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate.
+    ``scheme`` / ``quantizer`` default to the recipe's."""
     progress = progress or Progress(quiet=True)
     sch = SCHEMES[scheme or recipe.quantization]
+    method = QUANTIZERS[quantizer or recipe.quantizer]
     calib = tokenizer.encode(CALIBRATION_TEXT.read_text())
     gate_windows = recipe.gate_windows if sch.linear_bits is not None else 0
-    with progress.stage(f"calibrate + quantize ({sch.name})"):
-        qm, q = quantize_streaming(config, get, names, sch, calib, recipe.calibration_windows, gate_windows)
+    with progress.stage(f"calibrate + quantize ({sch.name}, {method.name})"):
+        qm, q = quantize_streaming(config, get, names, sch, method, calib, recipe.calibration_windows,
+                                   gate_windows)
         progress.log(f"{sch.name}: {qm.nbytes / 1e6:.1f} MB of weights")
     if q is None:
         return qm, None
@@ -67,25 +72,31 @@ def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer,
                            text=f"{CALIBRATION_TEXT.name} (windows {recipe.calibration_windows}+)")
     progress.log(f"quality gate: perplexity fp {report.ppl_fp:.3f} -> {sch.name} {report.ppl_int4:.3f} "
                  f"({report.loss_pct:+.2f}%, limit {report.threshold_pct}%)")
+    warning = implausible(report)
+    if warning:
+        progress.log(warning)
     gate(report, allow_quality_loss)
     return qm, report
 
 
 def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | None = None,
-             allow_quality_loss: bool = False) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
+             allow_quality_loss: bool = False,
+             quantizer: str | None = None) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
     """Quantize an in-memory model: (quantized weights, int4 reference model, gate report)."""
     qm, report = quantize_source(lm.recipe, lm.config, lm.tokenizer, lm.state.__getitem__, list(lm.state),
-                                 scheme, progress, allow_quality_loss)
+                                 scheme, progress, allow_quality_loss, quantizer)
     return qm, MiniCPM.from_state_dict(lm.config, qm.dequantized()), report
 
 
 def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None,
              quant: str | None = None) -> dict:
+    check_generation(max_new_tokens)
     lm = load(recipe, checkpoint)
+    ids = lm.tokenizer.encode(prompt, what="--prompt")
+    check_generation(max_new_tokens, len(ids), lm.recipe.context_window)
     model = lm.model
     if quant:
         _, model, _ = quantize(lm, quant if quant in SCHEMES else lm.recipe.quantization)
-    ids = lm.tokenizer.encode(prompt)
     t0 = time.perf_counter()
     out, _ = model.generate(ids, max_new_tokens, eos_id=lm.config.eos_token_id)
     dt = time.perf_counter() - t0
@@ -94,25 +105,43 @@ def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None
 
 
 def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None = 40,
-             progress: Progress | None = None) -> dict:
-    lm = load(recipe, checkpoint)
+             progress: Progress | None = None, scheme: str | None = None,
+             quantizer: str | None = None) -> dict:
     text = Path(text_file)
-    if not text.is_file():
-        raise ExportError(f"--text {text}: no such file")
-    ids = lm.tokenizer.encode(text.read_text())
+    content = read_text_file(text, "--text")
+    lm = load(recipe, checkpoint)
+    ids = lm.tokenizer.encode(content, what=f"--text {text}")
+    if len(ids) < WINDOW:
+        raise ExportError(f"--text {text}: too short for perplexity ({len(ids)} tokens < one "
+                          f"{WINDOW}-token window)")
     progress = progress or Progress(quiet=True)
-    qm, qref, _ = quantize(lm, progress=progress, allow_quality_loss=True)
+    qm, qref, _ = quantize(lm, scheme, progress=progress, allow_quality_loss=True, quantizer=quantizer)
     with progress.stage("perplexity"):
         ppl_fp = perplexity(lm.model, ids, count=windows)
         ppl_q = perplexity(qref, ids, count=windows)
     n = min(len(ids) // 512, windows or 10**9)
-    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "text": str(text), "tokens": n * 512,
+    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "text": str(text), "tokens": n * 512,
             "windows": n, "ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
             "loss_pct": round(100 * (ppl_q / ppl_fp - 1), 3)}
 
 
 def default_out(recipe: str, target: str) -> Path:
     return Path("dist") / f"{recipe}-{target}"
+
+
+def check_export(target: str, recipe: str, options: dict) -> Recipe:
+    """Everything about an export that is cheap to check (no checkpoint, no --out): the recipe, the
+    target/recipe pairing, the target's options."""
+    from targets import get_target
+
+    rec = get_recipe(recipe)
+    rec.require_target(target)
+    backend = get_target(target)
+    if rec.is_vision and not backend.allows_vision:
+        raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
+    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
+        backend.check_options(rec, options)
+    return rec
 
 
 def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = None, force: bool = False,
@@ -123,15 +152,10 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
     from .bundle import Staging, tool_versions
 
     progress = progress or Progress(quiet=True)
-    rec = get_recipe(recipe)
-    rec.require_target(target)
+    rec = check_export(target, recipe, options)
     backend = get_target(target)
-    if rec.is_vision and not backend.allows_vision:
-        raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
-    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
-        backend.check_options(rec, options)
     out = Path(out) if out else default_out(rec.name, target)
-    with Staging(out, force) as staging:
+    with Staging(out, force) as staging:     # --out: writable, locked, stale staging removed
         with progress.stage("load"):
             ckpt, config, tok = open_model(rec, checkpoint)
             prefix = "llm." if rec.is_vision else ""
@@ -150,7 +174,7 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
             "model": {"repo_id": rec.repo_id, "family": rec.family, "config": config.to_dict(),
                       "context_window": rec.context_window, "prefill_chunk": rec.prefill_chunk},
             "quantization": {"scheme": qm.scheme.name, "description": qm.scheme.description,
-                             "group_size": 32},
+                             "group_size": GROUP, "quantizer": qm.quantizer},
             "quality": ctx.quality,
             "source": {"checkpoint_fingerprint": ckpt.fingerprint(), "repo_id": rec.repo_id},
             "versions": tool_versions(), **extra,

@@ -1,32 +1,43 @@
 """`mcpm-export`: a thin CLI over exporter.api. Every command prints its resolved settings."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, api
-from .checkpoint import resolve_checkpoint
 from .errors import ExportError
 from .progress import Progress, console, stdout
-from .recipes import KNOWN_TARGETS, get_recipe, load_recipes
+from .recipes import KNOWN_QUANTIZERS, KNOWN_SCHEMES, KNOWN_TARGETS, get_recipe, load_recipes
 from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
 def user_errors(fn):
-    """ExportError -> one line on stderr, exit 1."""
+    """ExportError (and a full disk) -> one line on stderr, exit 1; Ctrl-C / SIGINT -> exit 130."""
     @wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except ExportError as e:
-            console.print(f"[red]error:[/] {e}", soft_wrap=True)
-            sys.exit(1)
+            fail(str(e))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            fail(f"{e.filename or 'a write'}: no space left on the device")
+        except KeyboardInterrupt:
+            fail("interrupted", status=130)
     return wrapper
+
+
+def fail(msg: str, status: int = 1) -> None:
+    console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)
+    sys.exit(status)
 
 
 def show_settings(title: str, **settings) -> None:
@@ -86,18 +97,22 @@ def generate(recipe, checkpoint, prompt, max_new_tokens, quant, as_json):
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--text", "text_file", type=click.Path(), required=True)
 @click.option("--windows", default=40, show_default=True, help="How many 512-token windows.")
+@click.option("--scheme", type=click.Choice(sorted(KNOWN_SCHEMES)), default=None,
+              help="Quantization scheme (default: the recipe's).")
+@click.option("--quantizer", type=click.Choice(sorted(KNOWN_QUANTIZERS)), default=None,
+              help="How int4 values are chosen (default: the recipe's).")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def eval_cmd(recipe, checkpoint, text_file, windows, as_json):
+def eval_cmd(recipe, checkpoint, text_file, windows, scheme, quantizer, as_json):
     """Perplexity of the fp model and of the quantized model on a text."""
-    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json))
+    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json), scheme, quantizer)
     if as_json:
         click.echo(json.dumps(res))
         return
     table = Table(title=f"perplexity on {res['text']} ({res['tokens']} tokens)")
-    for col in ("recipe", "scheme", "ppl fp", "ppl quantized", "loss"):
+    for col in ("recipe", "scheme", "quantizer", "ppl fp", "ppl quantized", "loss"):
         table.add_column(col)
-    table.add_row(res["recipe"], res["scheme"], f"{res['ppl_fp']:.3f}", f"{res['ppl_int4']:.3f}",
+    table.add_row(res["recipe"], res["scheme"], res["quantizer"], f"{res['ppl_fp']:.3f}", f"{res['ppl_int4']:.3f}",
                   f"{res['loss_pct']:+.2f}%")
     stdout.print(table)
 
@@ -238,8 +253,6 @@ def release_cmd(recipes, target, checkpoint, out, force, as_json):
 @user_errors
 def verify_cmd(bundle):
     """Check a bundle directory or release archive: file hashes, manifest schema, symbol prefix, versions."""
-    from rich.markup import escape
-
     from .verify import verify_bundle
 
     problems = verify_bundle(Path(bundle))
@@ -300,9 +313,10 @@ def make_export_command(target: str) -> click.Command:
     @user_errors
     def run(recipe, checkpoint, out, force, allow_quality_loss, **options):
         out = out or str(api.default_out(recipe, target))
-        rec = get_recipe(recipe)
+        rec = api.check_export(target, recipe, options)     # the cheap checks; the checkpoint comes later
         show_settings(f"mcpm-export {target}", recipe=f"{rec.name} ({rec.repo_id}, {rec.quantization})",
-                      checkpoint=resolve_checkpoint(rec, checkpoint), out=out, force=force, **options)
+                      checkpoint=checkpoint or "embedded copy or Hugging Face cache", out=out, force=force,
+                      **options)
         bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss,
                             Progress(), **options)
         console.print(f"[bold green]bundle ready:[/] {bundle}")
