@@ -27,7 +27,7 @@ import torch
 
 from exporter.errors import ExportError
 
-from .palettize import LUT_BITS, LUT_GROUP, lut_function
+from .palettize import LUT_BITS, LUT_GROUP, lut_function, shared_lut_function
 from .wrapper import CoreMLMiniCPM
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -222,12 +222,12 @@ def compression_config(mlmodel, embedding: str = "lut6") -> "cto.OptimizationCon
     return cto.OptimizationConfig(global_config=None, op_name_configs=names)
 
 
-def palettize_config(names=(LUT_EMBED_NAME,)) -> "cto.OptimizationConfig":
+def palettize_config(names=(LUT_EMBED_NAME,), lut_fn=lut_function) -> "cto.OptimizationConfig":
     """6-bit tables per group of LUT_GROUP hidden columns (axis 1), values from our own k-means.
 
     No enable_per_channel_scale: for iOS < 26 coremltools folds that scale into the tables, repeating
     them per row (8.4 MB of tables for tiny). The row scale is applied in the graph instead."""
-    lut = cto.OpPalettizerConfig(mode="custom", lut_function=lut_function,
+    lut = cto.OpPalettizerConfig(mode="custom", lut_function=lut_fn,
                                  granularity="per_grouped_channel", group_size=LUT_GROUP,
                                  channel_axis=1, weight_threshold=0)
     return cto.OptimizationConfig(global_config=None, op_name_configs={n: lut for n in names})
@@ -251,8 +251,14 @@ def compress(mlmodel, embedding: str = "lut6"):
     passes[0].set_options([PassOption("config", config), PassOption("joint_compression", False)])
     if embedding == "lut6":
         lut_names = [n for n in config.op_name_configs if n == LUT_EMBED_NAME or PIECE_NAME.fullmatch(n)]
+        lut_fn = lut_function
+        if lut_names != [LUT_EMBED_NAME]:       # --ane-head pieces share the whole matrix's tables
+            lut_names.sort(key=lambda n: int(PIECE_NAME.fullmatch(n).group(1)))
+            ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
+            lut_fn = shared_lut_function([ops[n].outputs[0].val for n in lut_names])
+            del ops
         passes.append(PASS_REGISTRY["compression::palettize_weights"])
-        passes[1].set_options([PassOption("config", palettize_config(lut_names)),
+        passes[1].set_options([PassOption("config", palettize_config(lut_names, lut_fn)),
                                PassOption("joint_compression", False)])
     mlmodel._mil_program = None
     gc.collect()

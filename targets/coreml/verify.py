@@ -158,7 +158,9 @@ def _embedding_from_pieces(interp: Interpreter, function: str, by_name: dict) ->
     parts = []
     for p in range(_piece_count(by_name)):
         base = f"p_embed_piece_{p}_to_fp16"
-        op = by_name.get(base + "_palettized", by_name.get(base + "_quantized", by_name[base]))
+        op = next((by_name[k] for k in (base + "_palettized", base + "_quantized", base) if k in by_name), None)
+        if op is None:
+            raise ExportError(f"Core ML package has no constant for head piece {p} ({base})")
         part = np.asarray(interp.constant(function, op, cache=False), np.float32)
         scale = by_name.get(f"b_embed_piece_scale_{p}_to_fp16")
         if scale is not None:

@@ -114,7 +114,7 @@ class CoreMLMiniCPM(nn.Module):
         pos = start_pos + torch.arange(T, dtype=torch.int32)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         if self.pieces:
-            h = self._embed_pieces(input_ids) * self.cfg.scale_emb
+            h = self._embed_pieces(input_ids)
         elif self.embed_rows is None:
             h = self.tok_embeddings(input_ids) * self.cfg.scale_emb
         else:
@@ -138,19 +138,23 @@ class CoreMLMiniCPM(nn.Module):
         return getattr(self, f"embed_piece_{p}"), getattr(self, f"embed_piece_scale_{p}", None)
 
     def _embed_pieces(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows gathered piece by piece: each piece reads a clamped index, masked out
-        unless the id falls inside it."""
-        h = None
-        for p, (first, rows) in enumerate(self.pieces):
+        """Embedding rows (times their row scales, with the unsplit forward's order of operations)
+        gathered piece by piece: each piece reads a clamped index, masked out unless the id falls
+        inside it (the masked sum adds exact zeros)."""
+        rows = scales = None
+        for p, (first, count) in enumerate(self.pieces):
             weight, scale = self._piece(p)
             local = input_ids - first
-            index = torch.clamp(local, 0, rows - 1)
-            part = torch.nn.functional.embedding(index, weight)
+            index = torch.clamp(local, 0, count - 1)
+            inside = (index == local).to(weight.dtype)                  # not clamped
+            part = torch.nn.functional.embedding(index, weight) * inside[..., None]
+            rows = part if rows is None else rows + part
             if scale is not None:
-                part = part * scale[index][..., None]
-            part = torch.where(((local >= 0) & (local < rows))[..., None], part, 0.0)
-            h = part if h is None else h + part
-        return h
+                part = scale[index] * inside
+                scales = part if scales is None else scales + part
+        if scales is None:
+            return rows * self.cfg.scale_emb
+        return rows * (scales * self.cfg.scale_emb)[..., None]
 
     def _head_pieces(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [1, T * P, R]: piece p's logits in row p (T = 1 in both functions)."""
