@@ -98,7 +98,8 @@ def test_end_of_window(chat, reference):
 def test_doc_sample_is_the_transcribed_loop():
     """The Swift lines whose logic the transcription copies are in docs/ios.md as written."""
     swift = DOC.read_text(encoding="utf-8")
-    for line in ("if pos + C <= N {", "let n = min(C, tokens.count - i)", '"last_index": try int32s([n - 1], shape: [1]),',
+    for line in ("if pos + C <= N {", "let n = min(C, tokens.count - i)",
+                 '"last_index": try int32s([n - 1], shape: [1]),',
                  '"start_pos": try int32s([cached.count], shape: [1]),', "keep = min(keep, ids.count - 1)",
                  "if ids.first != contract.bosTokenId { ids.insert(contract.bosTokenId, at: 0) }",
                  "if reply.count == maxNewTokens || cached.count == contract.contextWindow { break }",

@@ -85,7 +85,8 @@ def structure(interp: Interpreter, embedding: str | None = None, max_dim: int | 
     if facts["int4_weights"] == 0:
         raise ExportError("Core ML package has no int4 (constexpr_blockwise_shift_scale) weights")
     pieces = sorted(n for n in facts["lut_weights"] if PIECE_NAME.fullmatch(n.removesuffix("_palettized")))
-    luts = [facts["lut_weights"][n] for n in pieces] or [facts["lut_weights"].get(LUT_EMBED_NAME + "_palettized", {})]
+    luts = ([facts["lut_weights"][n] for n in pieces]
+            or [facts["lut_weights"].get(LUT_EMBED_NAME + "_palettized", {})])
     if embedding == "lut6" and any(lut.get("bits") != LUT_BITS for lut in luts):
         raise ExportError(f"Core ML package lacks the {LUT_BITS}-bit palettized embedding "
                           f"(constexpr_lut_to_dense '{LUT_EMBED_NAME}_palettized'): {luts}")
@@ -118,7 +119,8 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
 
     The decompressed float16 values are not kept in the interpreter's cache (each is converted
     to float32 and dropped), so the model's weights exist once in float32 here, not also in float16.
-    ``store(tensor) -> tensor`` is applied to each (numerics maps the large ones from files: convert.spill_large)."""
+    ``store(tensor) -> tensor`` is applied to each (numerics maps the large ones from files:
+    convert.spill_large)."""
     store = store or (lambda t: t)
     by_name = {}
     for op in interp.program.functions[function].operations:
