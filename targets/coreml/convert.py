@@ -116,6 +116,7 @@ MIN_IOS = 18
 BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
 LUT_EMBED_NAME = "p_embed_rows_to_fp16"      # CoreMLMiniCPM(row_scaled_embedding=True).embed_rows
+STATE_NAMES = ("key_cache", "value_cache")
 PIECE_NAME = re.compile(r"p_embed_piece_(\d+)_to_fp16")  # CoreMLMiniCPM(head_rows=...) pieces
 ANE_MAX_DIM = 16384     # the Neural Engine's largest tensor dimension (--ane-head splits below it)
 
@@ -123,7 +124,6 @@ ANE_MAX_DIM = 16384     # the Neural Engine's largest tensor dimension (--ane-he
 def is_embedding_const(name: str) -> bool:
     """The tied embedding / head constant, whole or one of its --ane-head pieces."""
     return name in EMBED_NAMES or name == LUT_EMBED_NAME or PIECE_NAME.fullmatch(name) is not None
-STATE_NAMES = ("key_cache", "value_cache")
 
 
 def io_spec(cfg, context: int, chunk: int, logits_shape: list[int] | None = None) -> dict:
