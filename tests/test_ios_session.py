@@ -1,16 +1,15 @@
 """The transcribed Swift loop (targets/coreml/session.py) against a scripted model: every call it makes
 (function, start_pos, last_index, padding), the state bookkeeping, stops, streaming text and the
 --ane-head logits layout. The same loop against the real package: tests/test_ios_swift.py (slow)."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from exporter.chat import get_chat_template
 from exporter.hf_tokenizer import build_hf_tokenizer
+from exporter.recipes import EMBEDDED_DIR
 from targets.coreml.session import ChatError, ChatSession, Contract
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "tinycpm-docs" / "tokenizer.model"
+MODEL = EMBEDDED_DIR / "tinycpm-docs" / "tokenizer.model"
 VOCAB = 8192
 
 

@@ -21,7 +21,7 @@ from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from exporter.tokenizer import Tokenizer
 
 from .budget import compute_units, memory_budget
-from .prequant import input_covariance, prequantize_state_dict
+from .prequant import QUANTIZER, input_covariance, prequantize_state_dict
 from .convert import (ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
                       spill_weights, weight_file)
 from .side_files import PACKAGE, write_readme, write_side_files
@@ -155,11 +155,12 @@ class IOSTarget:
         embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
         compression = ("none (float16)" if embedding is None else
                        f"linear weights int4 linear_symmetric per_block {BLOCK_SIZE}, values "
-                       f"chosen beforehand by GPTQ rounding with activation-aware clipped scales "
-                       f"(targets/coreml/prequant.py); embedding/head {embedding}")
+                       f"chosen beforehand by the shared GPTQ quantizer on Core ML's grid "
+                       f"(exporter/quantizers.py, targets/coreml/prequant.py); embedding/head {embedding}")
         result = {
             "backend": "coreml",
             "quantization": {"scheme": recipe.quantization, "coreml": compression,
+                             "quantizer": QUANTIZER if embedding else "none",
                              "tool": "coremltools.optimize.coreml.linear_quantize_weights",
                              "block_size": BLOCK_SIZE, "embedding_bits": embed["bits"],
                              "embedding": {"kind": embedding or "fp16", **embed}},
