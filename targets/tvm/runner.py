@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from exporter.errors import ExportError
+from exporter.model import check_generation
 
 PAGE_SIZE = 16
 
@@ -76,9 +77,7 @@ class TVMModel:
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> Generation:
         if not prompt:
             raise ExportError("prompt is empty after tokenization")
-        if len(prompt) + max_new_tokens > self.context_window:
-            raise ExportError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
-                              f"the context window {self.context_window}")
+        check_generation(max_new_tokens, len(prompt), self.context_window)
         kv = self.new_cache()
         t0 = time.perf_counter()
         logits = self.forward_chunks(kv, prompt)
@@ -124,8 +123,7 @@ def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
 
 def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32) -> dict:
     """Greedy generation with the bundle's host build (what `mcpm-export run` prints)."""
-    if max_new_tokens < 1:
-        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    check_generation(max_new_tokens)
     model, tok, conf = load_bundle(bundle)
     ids = tok.encode(prompt)
     gen = model.generate(ids, max_new_tokens, eos_id=conf.get("eos_token_id"))
