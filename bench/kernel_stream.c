@@ -2,7 +2,9 @@
  * wqkv 6912x2304, wo 2304x2304, w13 11520x2304, w2 2304x5760, then the tied head 122753x2304), every
  * matrix in its own memory so the weights stream from DRAM like a real decode step, one token, T
  * threads sharing rows through the kernels' atomic counter (as in the compiled model).  Also a plain
- * AVX-512/AVX2/scalar streaming read of as many bytes, for the ceiling.  Prints one JSON line. */
+ * AVX-512/AVX2/scalar streaming read of as many bytes, for the ceiling.  Prints one JSON line.
+ * `kernel_stream THREADS REPS read MiB`: only the STREAM-like read of MiB, GB/s of every repetition
+ * (bench/decode_host.py's roofline). */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -92,9 +94,39 @@ static uint64_t read_sum(const uint64_t* p, size_t n) {
 typedef struct { const uint8_t* p; size_t n; uint64_t r; } ReadJob;
 static void* reader(void* arg) { ReadJob* j = arg; j->r = read_sum((const uint64_t*)j->p, j->n / 8); return NULL; }
 
+/* Read `n` bytes split over the threads `reps` times; each repetition's GB/s into gbs[]. */
+static void read_runs(const uint8_t* buf, size_t n, int reps, double* gbs) {
+  pthread_t th[64];
+  for (int r = 0; r < reps; r++) {
+    ReadJob jobs[64];
+    double t0 = now();
+    for (int t = 0; t < nthreads; t++) {
+      jobs[t].p = buf + n / nthreads * t; jobs[t].n = n / nthreads / 64 * 64;
+      pthread_create(&th[t], NULL, reader, &jobs[t]);
+    }
+    for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
+    gbs[r] = n / (now() - t0) / 1e9;
+  }
+}
+
+static uint8_t* filled(size_t n) {
+  uint8_t* buf = aligned_alloc(64, n);
+  memset(buf, 1, n);
+  return buf;
+}
+
 int main(int argc, char** argv) {
   nthreads = argc > 1 ? atoi(argv[1]) : 2;
   const int reps = argc > 2 ? atoi(argv[2]) : 5;
+  double gbs[256];
+  if (argc > 4 && !strcmp(argv[3], "read")) {      /* STREAM-like read only: `read MiB` */
+    const size_t n = (size_t)atoll(argv[4]) << 20;
+    read_runs(filled(n), n, reps < 256 ? reps : 256, gbs);
+    printf("{\"threads\": %d, \"bytes\": %zu, \"read_gb_s\": [", nthreads, n);
+    for (int r = 0; r < reps && r < 256; r++) printf("%s%.2f", r ? ", " : "", gbs[r]);
+    printf("]}\n");
+    return 0;
+  }
   const int64_t H = 2304, I = 5760, V = 122753;
   for (int l = 0; l < 40; l++) { add(3 * H, H); add(H, H); add(2 * I, H); add(H, I); }
   add(V, H);
@@ -113,20 +145,9 @@ int main(int argc, char** argv) {
   if (nthreads > 1) pthread_barrier_wait(&bar);
   /* ceiling: the same number of bytes read once, split over the threads, from one big buffer */
   const size_t n = (size_t)bytes / 64 * 64;
-  uint8_t* buf = aligned_alloc(64, n);
-  memset(buf, 1, n);
+  read_runs(filled(n), n, reps, gbs);
   double rbest = 1e9;
-  for (int r = 0; r < reps; r++) {
-    ReadJob jobs[64];
-    double t0 = now();
-    for (int t = 0; t < nthreads; t++) {
-      jobs[t].p = buf + n / nthreads * t; jobs[t].n = n / nthreads / 64 * 64;
-      pthread_create(&th[t], NULL, reader, &jobs[t]);
-    }
-    for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
-    double s = now() - t0;
-    rbest = s < rbest ? s : rbest;
-  }
+  for (int r = 0; r < reps; r++) rbest = n / gbs[r] / 1e9 < rbest ? n / gbs[r] / 1e9 : rbest;
   printf("{\"threads\": %d, \"bytes\": %.0f, \"gemv_s\": %.5f, \"gemv_gb_s\": %.2f, \"gemv_tok_s\": %.2f, "
          "\"read_gb_s\": %.2f, \"gemv_pct_of_read\": %.1f}\n", nthreads, bytes, best, bytes / best / 1e9,
          1 / best, bytes / rbest / 1e9, 100 * rbest / best);

@@ -28,6 +28,17 @@ def build(tmp: Path) -> Path:
     return exe
 
 
+def read_bandwidth(threads: int, reps: int = 9, mib: int = 1024) -> dict:
+    """STREAM-like read of `mib` MiB with `threads` threads, `reps` times (the first pages the buffer in
+    and is dropped): {"best", "median", "min", "runs"} in GB/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([str(build(Path(tmp))), str(threads), str(reps + 1), "read", str(mib)], check=True,
+                             capture_output=True, text=True).stdout
+    runs = json.loads(out)["read_gb_s"][1:]
+    srt = sorted(runs)
+    return {"best": srt[-1], "median": srt[len(srt) // 2], "min": srt[0], "runs": runs, "mib": mib}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")

@@ -304,7 +304,10 @@ TARGET_OPTIONS = {
                               "need iOS18 or newer (docs/ios.md)."),
             click.Option(["--embedding"], type=click.Choice(["lut6", "int8", "int4"]), default=None,
                          help="Tied embedding/head: 6-bit palettized (default for q4f16_e8 recipes), "
-                              "int8 or int4 (docs/ios.md).")],
+                              "int8 or int4 (docs/ios.md)."),
+            click.Option(["--ane-head"], is_flag=True, default=False,
+                         help="Split the tied embedding/head into pieces of <= 16384 rows so that every "
+                              "tensor fits the Neural Engine (.cpuAndNeuralEngine; docs/ios.md).")],
 }
 TARGET_OPTIONS["harmony"] = TARGET_OPTIONS["android"]
 

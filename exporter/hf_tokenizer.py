@@ -108,7 +108,10 @@ def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, chat_template: str 
     hf = build_hf_tokenizer(tokenizer_model)
     sp = Tokenizer(tokenizer_model)
     probe = PROBE_TEXT.read_text(encoding="utf-8")[:20000]
-    check_against_sentencepiece(hf, sp, [probe, *PROBE_EXTRA])
+    # user-defined pieces (e.g. chat role markers) are added tokens here: the text around them is
+    # normalized piece by piece, as swift-transformers does, which SentencePiece may not match
+    user = [t.content for t in hf.get_added_tokens_decoder().values() if not t.special][:32]
+    check_against_sentencepiece(hf, sp, [probe, *PROBE_EXTRA, *(f"{u}hello {u} world{u}" for u in user)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save(str(out_dir / "tokenizer.json"))

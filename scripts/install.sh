@@ -4,7 +4,8 @@
 # torch 2.13.0 CPU, apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.14.post0, coremltools 9.0, numpy<2.4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES="adb qemu-user-static g++-aarch64-linux-gnu clang lld"
+# llvm-19: llvm-mca with Neoverse N1/N2/V2 scheduling models for bench/arm_kernels.py (LLVM 14 has none)
+APT_PACKAGES="adb qemu-user-static g++-aarch64-linux-gnu clang lld llvm-19"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

@@ -35,3 +35,10 @@ def tiny_copy(tmp_path):
     for p in dst.iterdir():
         p.chmod(0o644)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ios_tiny_bundle(tmp_path_factory):
+    """One real `ios` export of tiny (minutes on 2 cores), shared by the slow iOS test modules."""
+    from exporter import api
+    return api.export("ios", "tiny", out=tmp_path_factory.mktemp("ios") / "tiny-ios")

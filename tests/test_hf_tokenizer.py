@@ -77,3 +77,22 @@ def test_unsupported_model_is_one_clear_error(tmp_path):
     with pytest.raises(ExportError, match="model_type UNIGRAM"):
         write_hf_tokenizer(bad, tmp_path / "out", None)
     assert not (tmp_path / "out").exists()
+
+
+def test_user_defined_pieces_are_checked(tmp_path):
+    """A user-defined piece (a chat role marker) is an added token in tokenizer.json; swift-transformers
+    then normalizes the text around it piece by piece (a dummy-prefix "▁" after every marker), which
+    SentencePiece does not: the export refuses instead of shipping different ids."""
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(MODEL.read_bytes())
+    piece = proto.pieces.add()
+    piece.piece, piece.type = "<用户>", sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(proto.SerializeToString())
+    with pytest.raises(ExportError, match="disagrees with tokenizer.model"):
+        write_hf_tokenizer(bad, tmp_path / "out", None)
+    proto.normalizer_spec.add_dummy_prefix = False                  # then the two agree
+    bad.write_bytes(proto.SerializeToString())
+    assert write_hf_tokenizer(bad, tmp_path / "out", None) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert hf.encode("<用户>hi<用户>", add_special_tokens=False).ids[0] == 8192

@@ -13,7 +13,7 @@ from exporter.errors import ExportError
 from exporter.recipes import get_recipe
 from targets.coreml.palettize import dequantize, kmeans_lut, nearest, packed_bytes
 from targets.coreml.prequant import QMAX, gptq_weight
-from targets.coreml.target import IOS, parse_deployment_target
+from targets.coreml.target import IOS, IOSOptions, parse_deployment_target
 from targets.coreml.wrapper import CoreMLMiniCPM
 
 i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
@@ -155,8 +155,8 @@ def test_refuses_old_deployment_target_with_int4():
 
 def test_embedding_option():
     """q4f16_e8 ships the 6-bit palettized embedding; int8 stays reachable as a target option."""
-    assert IOS.check_options(get_recipe("tiny"), {}) == (18, "lut6")
-    assert IOS.check_options(get_recipe("sft-int4"), {"embedding": "int8"}) == (18, "int8")
+    assert IOS.check_options(get_recipe("tiny"), {}) == IOSOptions(18, "lut6", None)
+    assert IOS.check_options(get_recipe("sft-int4"), {"embedding": "int8"}) == IOSOptions(18, "int8")
     with pytest.raises(ExportError, match="embedding 'int7': expected one of lut6, int8, int4"):
         IOS.check_options(get_recipe("tiny"), {"embedding": "int7"})
     with pytest.raises(ExportError, match="keeps float16 weights"):
@@ -241,3 +241,37 @@ def test_spill_weights_keeps_values_and_maps_files(tmp_path):
         assert p.dtype == q.dtype and torch.equal(p, q)
     with open("/proc/self/maps") as f:
         assert sum(str(tmp_path) in line and "(deleted)" in line for line in f) >= 1
+
+
+def test_ane_head_option():
+    assert IOS.check_options(get_recipe("sft-int4"), {"ane_head": True}).head_rows == 16384
+    assert IOS.check_options(get_recipe("tiny"), {"ane_head_rows": 3000}) == IOSOptions(18, "lut6", 3000)
+    assert IOS.check_options(get_recipe("tiny"), {"ane_head": False}).head_rows is None
+    with pytest.raises(ExportError, match=r"ane_head_rows must be an integer in 1..16384, got 20000"):
+        IOS.check_options(get_recipe("tiny"), {"ane_head_rows": 20000})
+    res = subprocess.run([sys.executable, "-m", "exporter.cli", "ios", "--help"], capture_output=True, text=True)
+    assert "--ane-head" in res.stdout
+
+
+def test_memory_budget_and_compute_units():
+    """The weight estimate against real 2B-width conversions (docs/ios.md: lut6, 1 and 2 layers:
+    248,564,096 and 282,903,808 bytes of weight.bin); KV state = 2 caches of L*KV*N*D float16."""
+    import dataclasses
+
+    from targets.coreml.budget import compute_units, estimate_weight_bytes, memory_budget
+
+    cfg = api.load("tiny").config
+    two_b = get_recipe("sft-int4")
+    for layers, measured in ((1, 248_564_096), (2, 282_903_808)):
+        c = dataclasses.replace(cfg, **{**two_b.dims, "num_hidden_layers": layers})
+        assert abs(estimate_weight_bytes(c, "lut6", 2048, 128) / measured - 1) < 0.001
+    c = dataclasses.replace(cfg, **two_b.dims)
+    b = memory_budget(c, 2048, 128, embedding="lut6")
+    assert abs(estimate_weight_bytes(cfg, "lut6", 512, 64) / 4_924_224 - 1) < 0.01   # tiny's weight.bin
+    assert b.kv_state_bytes == 2 * 40 * 36 * 2048 * 64 * 2                  # 755 MB, as issue 13 says
+    assert b.peak_bytes == b.weights_bytes + b.kv_state_bytes + b.working_bytes
+    assert memory_budget(c, 2048, 128, weights=123).weights_bytes == 123
+    assert compute_units(122753, "lut6", False).recommended == ".cpuAndGPU"
+    assert "exceeds the Neural Engine's 16384" in compute_units(122753, "lut6", False).reason
+    assert compute_units(16384, "lut6", True).recommended == ".cpuAndNeuralEngine"
+    assert compute_units(8192, "lut6", False).recommended == ".cpuAndGPU"

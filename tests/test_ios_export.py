@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from exporter import api
 from exporter.errors import ExportError
 from exporter.verify import verify_bundle
 from targets.coreml.convert import LUT_EMBED_NAME, weight_file
@@ -19,8 +18,8 @@ EVAL_TEXT = "/work/shared/eval/python-tutorial.txt"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return api.export("ios", "tiny", out=tmp_path_factory.mktemp("ios") / "tiny-ios")
+def bundle(ios_tiny_bundle):
+    return ios_tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def interp(bundle):
 
 
 def test_bundle_layout_and_manifest(bundle, manifest):
-    for name in (PACKAGE, "tokenizer.model", "config.json", "manifest.json"):
+    for name in (PACKAGE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "config.json", "README.md", "manifest.json"):
         assert (bundle / name).exists(), name
     assert manifest["target"] == "ios" and manifest["backend"] == "coreml"
     ml = manifest["coreml"]

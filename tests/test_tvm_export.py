@@ -77,8 +77,12 @@ def tiny_request(platform, backend="cpu", reference=None):
 # ------------------------------------------------------------------ builds
 def test_harmony_cpu_bundle(tmp_path):
     """build_bundle for HarmonyOS (aarch64-linux-ohos): aarch64 libs, tensor cache, config, verification."""
-    keys = build_bundle(tiny_request("harmony"), tmp_path)
+    req = tiny_request("harmony")
+    keys = build_bundle(req, tmp_path)
     assert keys["triple"] == "aarch64-linux-ohos" and keys["backends"] == ["cpu"]
+    c = req.config          # float16 KV cache (int4 kernels): K and V, every layer, the whole context
+    assert keys["kv_cache"] == {"dtype": "float16", "context_window": 512, "bytes_at_context":
+                                2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 512 * 2}
     assert keys["soc"]["mcpu"] == "cortex-a77"
     check_aarch64_libs(tmp_path, "cpu", "mcpm_tiny_")
     v = keys["verification"]

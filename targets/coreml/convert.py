@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from exporter.errors import ExportError
 
-from .palettize import LUT_BITS, LUT_GROUP, lut_function
+from .palettize import LUT_BITS, LUT_GROUP, lut_function, shared_lut_function
 from .patches import patched
 from .wrapper import CoreMLMiniCPM
 
@@ -37,24 +38,34 @@ BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
 LUT_EMBED_NAME = "p_embed_rows_to_fp16"      # CoreMLMiniCPM(row_scaled_embedding=True).embed_rows
 STATE_NAMES = ("key_cache", "value_cache")
+PIECE_NAME = re.compile(r"p_embed_piece_(\d+)_to_fp16")  # CoreMLMiniCPM(head_rows=...) pieces
+ANE_MAX_DIM = 16384     # the Neural Engine's largest tensor dimension (--ane-head splits below it)
 
 
-def io_spec(cfg, context: int, chunk: int) -> dict:
-    """Input/output/state names and shapes of both functions (written into the manifest)."""
+def is_embedding_const(name: str) -> bool:
+    """The tied embedding / head constant, whole or one of its --ane-head pieces."""
+    return name in EMBED_NAMES or name == LUT_EMBED_NAME or PIECE_NAME.fullmatch(name) is not None
+
+
+def io_spec(cfg, context: int, chunk: int, logits_shape: list[int] | None = None) -> dict:
+    """Input/output/state names and shapes of both functions (written into the manifest).
+
+    ``logits_shape`` [1, P, R] for an --ane-head package (token id = p * R + r), else [1, 1, vocab]."""
     cache = [cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim]
     states = {n: {"shape": cache, "dtype": "float16"} for n in STATE_NAMES}
+    logits = {"shape": logits_shape or [1, 1, cfg.vocab_size], "dtype": "float16"}
     return {
         "prefill": {
             "inputs": {"input_ids": {"shape": [1, chunk], "dtype": "int32"},
                        "start_pos": {"shape": [1], "dtype": "int32"},
                        "last_index": {"shape": [1], "dtype": "int32"}},
-            "outputs": {"logits": {"shape": [1, 1, cfg.vocab_size], "dtype": "float16"}},
+            "outputs": {"logits": logits},
             "states": states,
         },
         "decode": {
             "inputs": {"input_ids": {"shape": [1, 1], "dtype": "int32"},
                        "start_pos": {"shape": [1], "dtype": "int32"}},
-            "outputs": {"logits": {"shape": [1, 1, cfg.vocab_size], "dtype": "float16"}},
+            "outputs": {"logits": logits},
             "states": states,
         },
     }
@@ -119,28 +130,28 @@ def compression_config(mlmodel, embedding: str = "lut6") -> "cto.OptimizationCon
             continue
         val = op.outputs[0].val
         users = {c.op_type for c in op.outputs[0].child_ops}
-        if op.name in EMBED_NAMES or op.name == LUT_EMBED_NAME:
+        if is_embedding_const(op.name):
             names[op.name] = embed
         elif isinstance(val, np.ndarray) and val.ndim == 2 and users == {"linear"}:
             names[op.name] = _int4_config()
         else:
             names[op.name] = None
     want = (LUT_EMBED_NAME,) if embedding == "lut6" else EMBED_NAMES
-    if not any(n in names for n in want):
+    if not any(n in names for n in want) and not any(PIECE_NAME.fullmatch(n) for n in names):
         raise ExportError(f"ios: converted program has no embedding constant {want[0]} "
                           f"(coremltools/torch naming changed?)")
     return cto.OptimizationConfig(global_config=None, op_name_configs=names)
 
 
-def palettize_config() -> "cto.OptimizationConfig":
+def palettize_config(names=(LUT_EMBED_NAME,), lut_fn=lut_function) -> "cto.OptimizationConfig":
     """6-bit tables per group of LUT_GROUP hidden columns (axis 1), values from our own k-means.
 
     No enable_per_channel_scale: for iOS < 26 coremltools folds that scale into the tables, repeating
     them per row (8.4 MB of tables for tiny). The row scale is applied in the graph instead."""
-    lut = cto.OpPalettizerConfig(mode="custom", lut_function=lut_function,
+    lut = cto.OpPalettizerConfig(mode="custom", lut_function=lut_fn,
                                  granularity="per_grouped_channel", group_size=LUT_GROUP,
                                  channel_axis=1, weight_threshold=0)
-    return cto.OptimizationConfig(global_config=None, op_name_configs={LUT_EMBED_NAME: lut})
+    return cto.OptimizationConfig(global_config=None, op_name_configs={n: lut for n in names})
 
 
 def compress(mlmodel, embedding: str = "lut6"):
@@ -160,8 +171,15 @@ def compress(mlmodel, embedding: str = "lut6"):
     passes = [PASS_REGISTRY["compression::linear_quantize_weights"]]
     passes[0].set_options([PassOption("config", config), PassOption("joint_compression", False)])
     if embedding == "lut6":
+        lut_names = [n for n in config.op_name_configs if n == LUT_EMBED_NAME or PIECE_NAME.fullmatch(n)]
+        lut_fn = lut_function
+        if lut_names != [LUT_EMBED_NAME]:       # --ane-head pieces share the whole matrix's tables
+            lut_names.sort(key=lambda n: int(PIECE_NAME.fullmatch(n).group(1)))
+            ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
+            lut_fn = shared_lut_function([ops[n].outputs[0].val for n in lut_names])
+            del ops
         passes.append(PASS_REGISTRY["compression::palettize_weights"])
-        passes[1].set_options([PassOption("config", palettize_config()),
+        passes[1].set_options([PassOption("config", palettize_config(lut_names, lut_fn)),
                                PassOption("joint_compression", False)])
     mlmodel._mil_program = None
     gc.collect()
@@ -227,7 +245,7 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str 
     embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS. ``spill``: first
     move the model's large weights to mapped files (spill_weights: the model's modules are changed
     in place, same values)."""
-    if (embedding == "lut6") != (model.embed_rows is not None):
+    if (embedding == "lut6") != model.row_scaled:
         raise ExportError("ios: the palettized embedding needs CoreMLMiniCPM(row_scaled_embedding=True) "
                           "and only it")
     if chunk > model.context:

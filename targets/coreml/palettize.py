@@ -79,3 +79,19 @@ def dequantize(weight: np.ndarray) -> np.ndarray:
 def packed_bytes(rows: int, cols: int, bits: int = LUT_BITS, group: int = LUT_GROUP) -> int:
     """Bytes of the palettized embedding in weight.bin, before blob alignment: indices, tables, row scales."""
     return -(-rows * cols * bits // 8) + (cols // group) * (1 << bits) * 2 + rows * 2
+
+
+def shared_lut_function(pieces: list[np.ndarray]):
+    """``lut_function`` for the --ane-head pieces of one matrix (row blocks, in order): every piece gets
+    the tables of the whole matrix, the ones an unsplit package has, so both packages hold the same
+    weights. coremltools calls the function once per group of LUT_GROUP columns, op after op and the
+    groups of an op in column order, so the call count modulo the groups per op names the group."""
+    groups = pieces[0].shape[1] // LUT_GROUP
+    tables = [kmeans_lut(np.concatenate([p[:, g * LUT_GROUP:(g + 1) * LUT_GROUP] for p in pieces]))
+              for g in range(groups)]
+    calls = iter(range(1 << 62))
+
+    def lut_for(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lut = tables[next(calls) % groups]
+        return lut, nearest(group, lut)
+    return lut_for

@@ -2,8 +2,9 @@
 
 Bundle layout (docs/ios.md):
     MiniCPM.mlpackage/        functions prefill + decode, KV cache as Core ML states
-    tokenizer.model (+ tokenizer_config.json, special_tokens_map.json, generation_config.json)
-    config.json
+    tokenizer.json, tokenizer_config.json (chat template), generation_config.json   (swift-transformers)
+    tokenizer.model (+ special_tokens_map.json)                                      (SentencePiece)
+    config.json, README.md    (memory budget, compute units)
     manifest.json             written by exporter/bundle.py after verification passed
 """
 from __future__ import annotations
@@ -11,23 +12,22 @@ from __future__ import annotations
 import gc
 import json
 import re
-import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import ExportError
 from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from exporter.tokenizer import Tokenizer
 
+from .budget import compute_units, memory_budget
 from .prequant import QUANTIZER, input_covariance, prequantize_state_dict
-from .convert import (BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
+from .convert import (ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
                       spill_weights, weight_file)
+from .side_files import PACKAGE, write_readme, write_side_files
 from .verify import check, model_from_state, numerics, package_state_dict, structure
-from .wrapper import CoreMLMiniCPM
+from .wrapper import CoreMLMiniCPM, head_pieces
 
-PACKAGE = "MiniCPM.mlpackage"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 VERIFY_STEPS = 32
 # Default embedding / tied head per scheme; the target option ``embedding`` (api.export(...,
 # embedding="int8")) picks another of convert.EMBEDDINGS.
@@ -40,7 +40,9 @@ CHUNKING_RULE = (
     "the last chunk predict the first new token. Then call 'decode' once per new token with "
     "start_pos = tokens in the cache. Both functions share one MLState (key_cache, value_cache); "
     "padding written past the real tokens is masked and later overwritten. Requires "
-    "start_pos + prefill_chunk <= context_window for prefill and start_pos < context_window for decode.")
+    "start_pos + prefill_chunk <= context_window for prefill and start_pos < context_window for decode: "
+    "once a padded chunk would pass the window, feed the remaining tokens to 'decode' one at a time; "
+    "generation may continue until all context_window slots hold tokens.")
 
 
 def parse_deployment_target(value: str | int | None) -> int:
@@ -52,14 +54,22 @@ def parse_deployment_target(value: str | int | None) -> int:
     return int(m.group(1))
 
 
+@dataclass(frozen=True)
+class IOSOptions:
+    deployment_target: int          # iOS major version
+    embedding: str | None           # a kind of convert.EMBEDDINGS, None = float16 weights
+    head_rows: int | None = None    # --ane-head: rows per head/embedding piece (ANE_MAX_DIM)
+
+
 class IOSTarget:
     name = "ios"
     allows_vision = False
 
-    def check_options(self, recipe, options: dict) -> tuple[int, str | None]:
+    def check_options(self, recipe, options: dict) -> IOSOptions:
         """Refusals that need no model: vision recipes, too-old deployment targets, bad options.
 
-        Returns (deployment target major version, embedding kind or None for fp16)."""
+        Options: deployment_target, embedding, ane_head (bool), ane_head_rows (int, API only: the
+        piece size, default ANE_MAX_DIM; the tests use a smaller one on tiny's 8192-token vocabulary)."""
         deployment_target = options.get("deployment_target")
         if recipe.is_vision:
             raise ExportError(f"ios: recipe '{recipe.name}' is a vision model; the iOS target is "
@@ -82,11 +92,17 @@ class IOSTarget:
                    else "the stateful KV cache (Core ML states) needs")
             raise ExportError(f"ios: --deployment-target iOS{ios} is too old: {why} iOS {MIN_IOS} "
                               f"or newer (recipe '{recipe.name}', scheme {recipe.quantization})")
-        return ios, embedding
+        head_rows = None
+        if options.get("ane_head") or options.get("ane_head_rows"):
+            head_rows = options.get("ane_head_rows") or ANE_MAX_DIM
+            if not isinstance(head_rows, int) or not 1 <= head_rows <= ANE_MAX_DIM:
+                raise ExportError(f"ios: ane_head_rows must be an integer in 1..{ANE_MAX_DIM}, got {head_rows!r}")
+        return IOSOptions(ios, embedding, head_rows)
 
     def build(self, ctx, staging: Path) -> dict:
         recipe, cfg = ctx.recipe, ctx.config
-        ios, embedding = self.check_options(recipe, ctx.options)
+        opts = self.check_options(recipe, ctx.options)
+        ios, embedding = opts.deployment_target, opts.embedding
         if ios != MIN_IOS:
             ctx.progress.log(f"note: the package targets iOS {MIN_IOS} (runs on iOS {ios})")
         package = staging / PACKAGE
@@ -115,8 +131,8 @@ class IOSTarget:
                 source = model_from_state(cfg, state)
                 del state
         with ctx.progress.stage("coreml convert"):
-            model = CoreMLMiniCPM(source, recipe.context_window,
-                                  row_scaled_embedding=embedding == "lut6").eval()
+            model = CoreMLMiniCPM(source, recipe.context_window, row_scaled_embedding=embedding == "lut6",
+                                  head_rows=opts.head_rows).eval()
             del source
             # spill the float32 weights to mapped files only when the model is this target's own
             # (with an int4 scheme); in fp16 its modules are ctx.reference's
@@ -126,17 +142,22 @@ class IOSTarget:
             del model
             gc.collect()
             deterministic_package_manifest(package)
-        self._copy_side_files(ctx, staging)
+        files = write_side_files(ctx, staging)
         with ctx.progress.stage("coreml verify"):
-            verification, quality = self._verify(ctx, package, embedding, names)
+            verification, quality = self._verify(ctx, package, opts, names)
         wbytes = weight_file(package).stat().st_size
+        budget = memory_budget(cfg, recipe.context_window, recipe.prefill_chunk, weights=wbytes)
+        units = compute_units(verification["structure"]["max_tensor_dim"], embedding, bool(opts.head_rows))
+        ctx.progress.log(f"memory: {budget.summary()}; compute units {units.recommended}")
+        logits_shape = ([1, *head_pieces(cfg.vocab_size, opts.head_rows)] if opts.head_rows
+                        else [1, 1, cfg.vocab_size])
         ctx.progress.log(f"weight.bin {wbytes / 1e6:.2f} MB = {wbytes / n_params:.3f} bytes/parameter")
         embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
         compression = ("none (float16)" if embedding is None else
                        f"linear weights int4 linear_symmetric per_block {BLOCK_SIZE}, values "
                        f"chosen beforehand by the shared GPTQ quantizer on Core ML's grid "
                        f"(exporter/quantizers.py, targets/coreml/prequant.py); embedding/head {embedding}")
-        return {
+        result = {
             "backend": "coreml",
             "quantization": {"scheme": recipe.quantization, "coreml": compression,
                              "quantizer": QUANTIZER if embedding else "none",
@@ -149,7 +170,14 @@ class IOSTarget:
                 "minimum_deployment_target": f"iOS{MIN_IOS}",
                 "model_type": "mlprogram (multifunction)",
                 "default_function": "decode",
-                "functions": io_spec(cfg, recipe.context_window, recipe.prefill_chunk),
+                "functions": io_spec(cfg, recipe.context_window, recipe.prefill_chunk, logits_shape),
+                "vocab_size": cfg.vocab_size,
+                "ane_head": ({"pieces": logits_shape[1], "rows_per_piece": logits_shape[2],
+                              "logits": "token id = p * rows_per_piece + r; ids >= vocab_size are "
+                                        "padding (-1e4)"} if opts.head_rows else None),
+                "compute_units": units.to_dict(),
+                "memory": budget.to_dict(),
+                "files": files,
                 "context_window": recipe.context_window,
                 "prefill_chunk": recipe.prefill_chunk,
                 "chunking_rule": CHUNKING_RULE,
@@ -162,25 +190,23 @@ class IOSTarget:
             },
             "verification": verification,
         }
+        write_readme(staging, recipe, result["coreml"])
+        return result
 
     @staticmethod
-    def _copy_side_files(ctx, staging: Path) -> None:
-        src = ctx.checkpoint.path
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
-        if not (staging / "tokenizer.model").is_file():
-            raise ExportError(f"{src}: tokenizer.model is missing")
-        (staging / "config.json").write_text(json.dumps(ctx.checkpoint.raw_config, indent=2,
-                                                        sort_keys=True) + "\n")
-
-    @staticmethod
-    def _verify(ctx, package: Path, embedding, names: list[str]) -> tuple[dict, dict]:
+    def _verify(ctx, package: Path, opts: IOSOptions, names: list[str]) -> tuple[dict, dict]:
         from .mil_interp import Interpreter
+        from .verify import max_tensor_dim
 
-        recipe, cfg = ctx.recipe, ctx.config
+        recipe, cfg, embedding = ctx.recipe, ctx.config, opts.embedding
         interp = Interpreter.from_package(package)
-        facts = structure(interp, embedding) if embedding else {"functions": sorted(interp.program.functions)}
+        if embedding:
+            facts = structure(interp, embedding, opts.head_rows)
+        else:
+            (largest, where), limit = max_tensor_dim(interp), opts.head_rows
+            if limit and largest > limit:
+                raise ExportError(f"Core ML package has a tensor dimension {largest} > {limit} ({where})")
+            facts = {"functions": sorted(interp.program.functions), "max_tensor_dim": largest}
         tok = Tokenizer(ctx.tokenizer_path)
         calib = tok.encode(CALIBRATION_TEXT.read_text())
         n_prompt = min(recipe.prefill_chunk * 3 // 2 + 4, recipe.context_window - VERIFY_STEPS)

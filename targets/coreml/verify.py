@@ -22,9 +22,11 @@ from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
 
-from .convert import LUT_EMBED_NAME, STATE_NAMES, spill_large
+from .convert import LUT_EMBED_NAME, PIECE_NAME, STATE_NAMES, spill_large
 from .mil_interp import Interpreter
 from .palettize import LUT_BITS
+from .session import ChatSession, Contract
+from .wrapper import flat_logits
 
 FUNCTIONS = ("prefill", "decode")
 # Core ML computes activations in float16; the reference in float32 with identical weights.
@@ -32,10 +34,28 @@ FUNCTIONS = ("prefill", "decode")
 LOGIT_BOUND = 0.25
 
 
-def structure(interp: Interpreter, embedding: str | None = None) -> dict:
+def max_tensor_dim(interp: Interpreter) -> tuple[int, str]:
+    """The largest dimension of any tensor (inputs, states, every op's outputs) in any function,
+    and where it is ("function:name shape")."""
+    best, where = 0, ""
+    for fname, fn in interp.program.functions.items():
+        vars_ = list(fn.inputs.values()) + [o for op in fn.operations for o in op.outputs]
+        for var in vars_:
+            sym = var.sym_type
+            if types.is_state(sym):
+                sym = sym.wrapped_type()
+            shape = getattr(sym, "get_shape", lambda: ())()
+            dims = [int(d) for d in shape if isinstance(d, (int, np.integer))]
+            if dims and max(dims) > best:
+                best, where = max(dims), f"{fname}:{var.name} {list(shape)}"
+    return best, where
+
+
+def structure(interp: Interpreter, embedding: str | None = None, max_dim: int | None = None) -> dict:
     """Structural facts about the program; raises ExportError when something required is absent.
 
-    ``embedding`` "lut6" also requires the 6-bit palettized embedding, "int8" an int8 one."""
+    ``embedding`` "lut6" also requires the 6-bit palettized embedding, "int8" an int8 one.
+    ``max_dim`` (--ane-head): no tensor of either function may have a dimension above it."""
     prog = interp.program
     for name in FUNCTIONS:
         if name not in prog.functions:
@@ -64,12 +84,18 @@ def structure(interp: Interpreter, embedding: str | None = None) -> dict:
         raise ExportError(f"Core ML package keeps float32 weights: {facts['fp32_constants'][:3]}")
     if facts["int4_weights"] == 0:
         raise ExportError("Core ML package has no int4 (constexpr_blockwise_shift_scale) weights")
-    lut = facts["lut_weights"].get(LUT_EMBED_NAME + "_palettized", {})
-    if embedding == "lut6" and lut.get("bits") != LUT_BITS:
+    pieces = sorted(n for n in facts["lut_weights"] if PIECE_NAME.fullmatch(n.removesuffix("_palettized")))
+    luts = ([facts["lut_weights"][n] for n in pieces]
+            or [facts["lut_weights"].get(LUT_EMBED_NAME + "_palettized", {})])
+    if embedding == "lut6" and any(lut.get("bits") != LUT_BITS for lut in luts):
         raise ExportError(f"Core ML package lacks the {LUT_BITS}-bit palettized embedding "
-                          f"(constexpr_lut_to_dense '{LUT_EMBED_NAME}_palettized'): {lut or 'absent'}")
+                          f"(constexpr_lut_to_dense '{LUT_EMBED_NAME}_palettized'): {luts}")
     if embedding == "int8" and facts["int8_weights"] == 0:
         raise ExportError("Core ML package lacks the int8 embedding (constexpr_blockwise_shift_scale)")
+    facts["max_tensor_dim"], where = max_tensor_dim(interp)
+    if max_dim is not None and facts["max_tensor_dim"] > max_dim:
+        raise ExportError(f"Core ML package has a tensor dimension {facts['max_tensor_dim']} > {max_dim} "
+                          f"({where}): not Neural Engine friendly")
     return facts
 
 
@@ -93,7 +119,8 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
 
     The decompressed float16 values are not kept in the interpreter's cache (each is converted
     to float32 and dropped), so the model's weights exist once in float32 here, not also in float16.
-    ``store(tensor) -> tensor`` is applied to each (numerics maps the large ones from files: convert.spill_large)."""
+    ``store(tensor) -> tensor`` is applied to each (numerics maps the large ones from files:
+    convert.spill_large)."""
     store = store or (lambda t: t)
     by_name = {}
     for op in interp.program.functions[function].operations:
@@ -103,6 +130,9 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
     for canon in names:
         base = mil_const_name(canon)
         op = by_name.get(base + "_quantized", by_name.get(base))
+        if canon == "tok_embeddings.weight" and _piece_count(by_name):
+            out[canon] = store(torch.from_numpy(_embedding_from_pieces(interp, function, by_name)))
+            continue
         if canon == "tok_embeddings.weight" and LUT_EMBED_NAME + "_palettized" in by_name:
             rows = interp.constant(function, by_name[LUT_EMBED_NAME + "_palettized"], cache=False)
             scale = interp.constant(function, by_name["b_embed_row_scale_to_fp16"], cache=False)
@@ -119,34 +149,26 @@ def package_state_dict(interp: Interpreter, names: list[str], function: str = "d
     return out
 
 
-class CoreMLRunner:
-    """Drives prefill/decode the way an app does (the contract documented in docs/ios.md)."""
+def _piece_count(by_name) -> int:
+    return len({n.removesuffix("_palettized").removesuffix("_quantized") for n in by_name
+                if PIECE_NAME.fullmatch(n.removesuffix("_palettized").removesuffix("_quantized"))})
 
-    def __init__(self, interp: Interpreter, state_shape: tuple[int, ...], chunk: int):
-        self.interp, self.chunk = interp, chunk
-        self.states = {n: np.zeros(state_shape, np.float16) for n in STATE_NAMES}
-        self.length = 0
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Full chunks of ``chunk`` tokens; the last one padded with 0 and read at its last real row."""
-        logits = None
-        for s in range(0, len(ids), self.chunk):
-            part = ids[s:s + self.chunk]
-            padded = np.zeros((1, self.chunk), np.int32)
-            padded[0, :len(part)] = part
-            out = self.interp.run("prefill", {"input_ids": padded,
-                                              "start_pos": np.array([self.length], np.int32),
-                                              "last_index": np.array([len(part) - 1], np.int32)},
-                                  self.states)
-            self.length += len(part)
-            logits = out["logits"][0, -1].astype(np.float32)
-        return logits
-
-    def decode(self, token: int) -> np.ndarray:
-        out = self.interp.run("decode", {"input_ids": np.array([[token]], np.int32),
-                                         "start_pos": np.array([self.length], np.int32)}, self.states)
-        self.length += 1
-        return out["logits"][0, -1].astype(np.float32)
+def _embedding_from_pieces(interp: Interpreter, function: str, by_name: dict) -> np.ndarray:
+    """The --ane-head pieces (each palettized with its row scales, or int4/int8, or float16) as one
+    float32 [vocab, hidden] matrix."""
+    parts = []
+    for p in range(_piece_count(by_name)):
+        base = f"p_embed_piece_{p}_to_fp16"
+        op = next((by_name[k] for k in (base + "_palettized", base + "_quantized", base) if k in by_name), None)
+        if op is None:
+            raise ExportError(f"Core ML package has no constant for head piece {p} ({base})")
+        part = np.asarray(interp.constant(function, op, cache=False), np.float32)
+        scale = by_name.get(f"b_embed_piece_scale_{p}_to_fp16")
+        if scale is not None:
+            part = part * np.asarray(interp.constant(function, scale, cache=False), np.float32)[:, None]
+        parts.append(part)
+    return np.concatenate(parts)
 
 
 @dataclass
@@ -180,16 +202,18 @@ def numerics(interp: Interpreter, cfg: MiniCPMConfig, state_names: list[str], pr
     del ref     # the float32 reference goes before the interpreter materialises its float16 weights
     gc.collect()
     cache_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
-    runner = CoreMLRunner(interp, cache_shape, chunk)
+    # the app's loop (docs/ios.md's Swift, transcribed in session.py): chunked prefill, then decode
+    session = ChatSession(interp, Contract(chunk, context, cfg.vocab_size, cfg.bos_token_id,
+                                           cfg.eos_token_id, cache_shape))
     progress("verify", f"Core ML prefill of {len(prompt)} tokens (NumPy MIL interpreter)")
-    logits = runner.prefill(prompt)
+    logits = flat_logits(session.feed(prompt), cfg.vocab_size).astype(np.float32)
     tokens, worst = [], 0.0
     for i in range(steps):
         worst = max(worst, float(np.abs(logits - ref_logits[i].numpy()).max()))
         tokens.append(int(logits.argmax()))
         if i + 1 < steps:
             # feed the reference's token so one near-tie cannot derail the comparison of logits
-            logits = runner.decode(ref_tokens[i])
+            logits = flat_logits(session.step(ref_tokens[i]), cfg.vocab_size).astype(np.float32)
             if (i + 1) % 8 == 0:
                 progress("verify", f"decode step {i + 1}/{steps}")
     return NumericReport(len(prompt), steps, tokens, ref_tokens, worst, LOGIT_BOUND)

@@ -10,6 +10,12 @@ handling and the attention layout (grouped heads, additive mask over the whole w
 float16 max |w|, the matrix the converter palettizes, see palettize.py) times ``embed_row_scale``,
 applied after the gather and on the logits. Same maths; it keeps one look-up table per group of
 columns valid for all rows, which Core ML on iOS 18 cannot express as a constexpr scale.
+
+``head_rows`` (``--ane-head``): the tied embedding / head is held as P pieces ``embed_piece_{p}`` of at
+most ``head_rows`` rows (convert.ANE_MAX_DIM = 16384, the Neural Engine's largest tensor dimension), so
+no tensor of the program has a dimension over it: the gather reads every piece (clamped index, masked
+sum) and the head returns logits [1, P, R] (R = ceil(vocab / P); token id = p * R + r; the last piece's
+missing rows are filled with MASK_VALUE, so they never win an argmax).
 """
 from __future__ import annotations
 
@@ -29,21 +35,26 @@ class CoreMLMiniCPM(nn.Module):
     ``last_index`` None (decode): logits [1, T, vocab].
     """
 
-    def __init__(self, ref: MiniCPM, context: int, row_scaled_embedding: bool = False):
+    def __init__(self, ref: MiniCPM, context: int, row_scaled_embedding: bool = False,
+                 head_rows: int | None = None):
         super().__init__()
         cfg = ref.cfg
         self.cfg, self.context = cfg, context
         self.tok_embeddings, self.layers, self.norm = ref.tok_embeddings, ref.layers, ref.norm
         self.output = ref.output
         self.embed_rows = None
+        self.row_scaled = row_scaled_embedding
+        self.pieces: list[tuple[int, int]] = []      # (first row, rows) of each embed_piece_{p}
+        if (row_scaled_embedding or head_rows) and self.output is not None:
+            raise ExportError("ios: the palettized embedding (lut6) and --ane-head need tied "
+                              "embeddings (tie_word_embeddings); use embedding='int8' without --ane-head")
         if row_scaled_embedding:
-            if self.output is not None:
-                raise ExportError("ios: the palettized embedding (lut6) needs tied embeddings; "
-                                  "use embedding='int8'")
             rows, scale = split_row_scale(ref.tok_embeddings.weight.detach())
             self.embed_rows = nn.Parameter(rows, requires_grad=False)
             self.register_buffer("embed_row_scale", scale, persistent=False)
             self.tok_embeddings = None
+        if head_rows:
+            self._split_head(head_rows)
         cache_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
         # float32 here; the converter stores them as float16 Core ML states.
         self.register_buffer("key_cache", torch.zeros(cache_shape), persistent=False)
@@ -51,6 +62,23 @@ class CoreMLMiniCPM(nn.Module):
         cos, sin = rope_tables(cfg, torch.arange(context))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _split_head(self, head_rows: int) -> None:
+        """Replace the tied matrix (and its row scales) by pieces of at most head_rows rows."""
+        scaled = self.embed_rows is not None
+        weight = (self.embed_rows if scaled else self.tok_embeddings.weight).detach()
+        count, rows = head_pieces(weight.shape[0], head_rows)
+        for p in range(count):
+            first = p * rows
+            part = weight[first:first + rows]
+            self.register_parameter(f"embed_piece_{p}", nn.Parameter(part.clone(), requires_grad=False))
+            if scaled:
+                self.register_buffer(f"embed_piece_scale_{p}",
+                                     self.embed_row_scale[first:first + rows].clone(), persistent=False)
+            self.pieces.append((first, part.shape[0]))
+        self.embed_rows = self.tok_embeddings = None
+        if scaled:
+            del self.embed_row_scale
 
     def reset(self) -> None:
         self.key_cache.zero_()
@@ -85,7 +113,9 @@ class CoreMLMiniCPM(nn.Module):
         torch._check(start + T <= self.context)
         pos = start_pos + torch.arange(T, dtype=torch.int32)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        if self.embed_rows is None:
+        if self.pieces:
+            h = self._embed_pieces(input_ids)
+        elif self.embed_rows is None:
             h = self.tok_embeddings(input_ids) * self.cfg.scale_emb
         else:
             rows = torch.nn.functional.embedding(input_ids, self.embed_rows)
@@ -97,10 +127,62 @@ class CoreMLMiniCPM(nn.Module):
         if last_index is not None:
             h = torch.index_select(h, 1, last_index)
         h = self.norm(h) / self.cfg.logit_scale
+        if self.pieces:
+            return self._head_pieces(h)
         if self.embed_rows is not None:
             return torch.nn.functional.linear(h, self.embed_rows) * self.embed_row_scale
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return torch.nn.functional.linear(h, head)
+
+    def _piece(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return getattr(self, f"embed_piece_{p}"), getattr(self, f"embed_piece_scale_{p}", None)
+
+    def _embed_pieces(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows (times their row scales, with the unsplit forward's order of operations)
+        gathered piece by piece: each piece reads a clamped index, masked out unless the id falls
+        inside it (the masked sum adds exact zeros)."""
+        rows = scales = None
+        for p, (first, count) in enumerate(self.pieces):
+            weight, scale = self._piece(p)
+            local = input_ids - first
+            index = torch.clamp(local, 0, count - 1)
+            inside = (index == local).to(weight.dtype)                  # not clamped
+            part = torch.nn.functional.embedding(index, weight) * inside[..., None]
+            rows = part if rows is None else rows + part
+            if scale is not None:
+                part = scale[index] * inside
+                scales = part if scales is None else scales + part
+        if scales is None:
+            return rows * self.cfg.scale_emb
+        return rows * (scales * self.cfg.scale_emb)[..., None]
+
+    def _head_pieces(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [1, T * P, R]: piece p's logits in row p (T = 1 in both functions)."""
+        width = self.pieces[0][1]
+        outs = []
+        for p, (_first, rows) in enumerate(self.pieces):
+            weight, scale = self._piece(p)
+            y = torch.nn.functional.linear(h, weight)
+            if scale is not None:
+                y = y * scale
+            if rows < width:
+                y = torch.cat([y, torch.full((*y.shape[:-1], width - rows), MASK_VALUE)], dim=-1)
+            outs.append(y)
+        out = torch.stack(outs, dim=-2)                                   # [1, T, P, R]
+        return out.reshape(1, out.shape[1] * out.shape[2], width)
+
+
+def head_pieces(vocab: int, max_rows: int) -> tuple[int, int]:
+    """(pieces P, rows per piece R): the fewest pieces of at most max_rows rows, sizes balanced."""
+    if max_rows < 1:
+        raise ExportError(f"ios: head piece rows must be positive, got {max_rows}")
+    count = -(-vocab // max_rows)
+    return count, -(-vocab // count)
+
+
+def flat_logits(logits, vocab: int):
+    """The [vocab] logits of one position from either output layout ([1, 1, vocab] or [1, P, R])."""
+    return logits.reshape(-1)[:vocab]
 
 
 def split_row_scale(weight: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

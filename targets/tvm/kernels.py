@@ -46,7 +46,7 @@ from exporter.cache import cache_dir
 from exporter.errors import ExportError
 from exporter.quant import GROUP, Q4_PER_WORD
 
-SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"
+SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"     # includes the other microkernels/*.c
 ROWS_PER_TASK = 16           # min weight rows per task (q4_matmul.c raises it to TASK_BYTES of weights)
 PARALLEL_SLOTS = 64          # parallel-loop extent: >= the thread count of any CPU we target
 CACHE = cache_dir("kernels")
@@ -130,7 +130,8 @@ def _x86_cpu_flags(target: tvm.target.Target, cpu: str) -> list[str]:
 
 
 def _key(target: tvm.target.Target) -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(clang_flags(target)).encode()).hexdigest()
+    srcs = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]")))
+    return hashlib.sha256(srcs + " ".join(clang_flags(target)).encode()).hexdigest()
 
 
 def kernel_prefix(target: tvm.target.Target) -> str:
@@ -244,21 +245,72 @@ def decode_attention_func(prefix: str) -> tirx.PrimFunc:
     return attn_decode
 
 
-DECODE_ATTENTION = "batch_decode_paged_kv_cpu"   # TVM 0.27 TIRPagedKVCache, no sliding window
+def prefill_attention_func(prefix: str) -> tirx.PrimFunc:
+    """Drop-in for TVM's CPU ragged prefill attention (a chunk's self-attention; same parameters):
+    PARALLEL_SLOTS parallel calls of <prefix>attn_prefill, slot t of n taking every n-th (head x 16
+    query rows) task."""
+    sym, slots = f"{prefix}attn_prefill", PARALLEL_SLOTS
+
+    @T.prim_func(private=True)
+    def attn_prefill(q: T.handle, q_indptr: T.handle, k: T.handle, v: T.handle, kv_indptr: T.handle,
+                     q_rope_position: T.handle, k_rope_pos_offset: T.handle, output: T.handle, lse: T.handle,
+                     causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+                     sm_scale: T.float32):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", sym, q, q_indptr, k, v, kv_indptr, output, lse, t, slots, causal,
+                                     rotary_mode, sm_scale))
+
+    return attn_prefill
 
 
-def replace_decode_attention(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, bool]:
-    """Swap TVM's serial, scalar CPU decode attention for the microkernel version (float32 caches only)."""
-    for gv, func in mod.functions.items():
-        if gv.name_hint != DECODE_ATTENTION or not isinstance(func, tirx.PrimFunc):
+def prefill_paged_attention_func(prefix: str) -> tirx.PrimFunc:
+    """Drop-in for TVM's CPU paged prefill attention (a chunk's queries against the cached prefix; same
+    parameters): PARALLEL_SLOTS parallel calls of <prefix>attn_prefill_paged, tasks as the ragged one."""
+    sym, slots = f"{prefix}attn_prefill_paged", PARALLEL_SLOTS
+
+    @T.prim_func(private=True)
+    def attn_prefill_paged(q: T.handle, q_indptr: T.handle, pages: T.handle, page_indptr: T.handle,
+                           page_values: T.handle, length_info: T.handle, k_rope_pos_offset: T.handle,
+                           q_rope_position: T.handle, output: T.handle, lse: T.handle, causal: T.int32,
+                           rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", sym, q, q_indptr, pages, page_indptr, page_values, length_info, output,
+                                     lse, t, slots, causal, rotary_mode, sm_scale))
+
+    return attn_prefill_paged
+
+
+# TVM 0.27 TIRPagedKVCache CPU kernels (no sliding window) -> (parameter count, wrapper maker). The
+# query buffer's dtype is the cache's: float32 or float16; head_dim at most the C kernels' ATT_MAXD.
+ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, decode_attention_func),
+                     "batch_prefill_ragged_kv": (14, prefill_attention_func),
+                     "batch_prefill_paged_kv_cpu": (15, prefill_paged_attention_func)}
+ATT_MAXD = 128
+
+
+def _attention_ok(func: tirx.PrimFunc) -> bool:
+    """The query buffer is float32/float16 with head_dim <= ATT_MAXD (what the C kernels handle)."""
+    buf = func.params[0]                       # tirx 0.27: buffer parameters are Buffers
+    return isinstance(buf, tirx.Buffer) and str(buf.dtype) in ("float32", "float16") and len(buf.shape) == 3 \
+        and isinstance(buf.shape[-1], tirx.IntImm) and int(buf.shape[-1]) <= ATT_MAXD
+
+
+def replace_attention(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
+    """Swap TVM's serial, scalar CPU decode, ragged-prefill and paged-prefill attention for the microkernel versions;
+    returns (module, kernels replaced)."""
+    count = 0
+    for gv, func in list(mod.functions.items()):
+        spec = ATTENTION_KERNELS.get(gv.name_hint)
+        if spec is None or not isinstance(func, tirx.PrimFunc) or len(func.params) != spec[0] \
+                or not _attention_ok(func):
             continue
-        if len(func.params) != 13 or not re.search(r'Q: T.Buffer\(\("B", \d+, \d+\), "float32"\)', func.script()):
-            return mod, False                       # not the float32 kernel this replaces
-        new = decode_attention_func(kernel_prefix(target))
-        mod = mod.clone()       # same GlobalVar: the KV cache creation refers to it
+        new = spec[1](kernel_prefix(target))
+        mod = mod.clone() if count == 0 else mod      # same GlobalVar: the KV cache creation refers to it
         mod.update_func(gv, new.with_attr("global_symbol", func.attrs["global_symbol"]))
-        return mod, True
-    return mod, False
+        count += 1
+    return mod, count
 
 
 # ---------------------------------------------------------------- the Relax rewrite
@@ -368,13 +420,13 @@ def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``, and
-    replace the KV cache's decode attention by the microkernel one.
+    replace the KV cache's decode and prefill (ragged and paged) attention by the microkernel ones.
 
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).
     """
     mod, count = fuse_q4_matmul(mod, target)
-    mod, attention = replace_decode_attention(mod, target)
+    mod, attention = replace_attention(mod, target)
     if count == 0 and not attention:
         return mod
     return attach_microkernels(mod, target)

@@ -23,8 +23,10 @@ Every linear layer ``y = x @ W.T`` with a q4f16 weight is emitted as exactly two
 ``dequantize_f16`` = a cast). The tied LM head reuses the embedding's q_weight/q_scale in the same
 pattern. Linear layers sharing an input are row-concatenated at pack time: ``attention.wqkv`` = wq;wk;wv
 and ``feed_forward.w13`` = w1;w3 (rows are independent in q4f16, so this is exact).
-Activations, norms and the KV cache are float32 on every backend (host parity is exact up to fp32
-rounding; the fp16 part is the stored scale).
+Activations and norms are float32 on every backend; the paged KV cache is ``kv_dtype`` (KV_DTYPE =
+float16 by default: half the bytes decode reads at depth; float32 for exact-parity builds). With float16
+the attention's q/k/v are rounded to it before RoPE and the cache append, and its output is cast back
+to float32 (the attention kernels accumulate in float32).
 """
 from __future__ import annotations
 
@@ -37,6 +39,13 @@ from exporter.config import MiniCPMConfig
 from exporter.quant import GROUP, Q4_PER_WORD, dequant_q4_expr, dequant_q8_expr
 
 DTYPE = "float32"
+KV_DTYPE = "float16"       # paged KV cache (issue 11: float32 before)
+
+
+def kv_cache_bytes(cfg: MiniCPMConfig, tokens: int, dtype: str = KV_DTYPE) -> int:
+    """Bytes of the K and V caches of every layer holding ``tokens`` positions."""
+    per = {"float16": 2, "float32": 4}[dtype]
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens * per
 
 # weight kinds: how a weight matrix is stored in the bundle
 Q4, Q8, F16, F32 = "q4", "q8", "f16", "f32"
@@ -126,15 +135,15 @@ class QWeight(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig, kind: str):
-        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    def __init__(self, cfg: MiniCPMConfig, kind: str, kv_dtype: str):
+        self.hq, self.hkv, self.d, self.kv_dtype = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, kv_dtype
         self.wqkv = QWeight((self.hq + 2 * self.hkv) * self.d, cfg.hidden_size, kind)
         self.wo = QWeight(cfg.hidden_size, self.hq * self.d, kind)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
-        qkv = op.reshape(self.wqkv(x), (b, s, self.hq + 2 * self.hkv, self.d))
-        o = kv.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d ** -0.5)
+        qkv = op.reshape(self.wqkv(x), (b, s, self.hq + 2 * self.hkv, self.d)).astype(self.kv_dtype)
+        o = kv.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d ** -0.5).astype(DTYPE)
         return self.wo(op.reshape(o, (b, s, self.hq * self.d)))
 
 
@@ -149,9 +158,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig, kind: str):
+    def __init__(self, cfg: MiniCPMConfig, kind: str, kv_dtype: str):
         self.attention_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=DTYPE)
-        self.attention = Attention(cfg, kind)
+        self.attention = Attention(cfg, kind, kv_dtype)
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=DTYPE)
         self.feed_forward = FeedForward(cfg, kind)
         self.residual_scale = cfg.residual_scale
@@ -162,11 +171,11 @@ class Block(nn.Module):
 
 
 class MiniCPMTVM(nn.Module):
-    def __init__(self, cfg: MiniCPMConfig, scheme: str | None, target):
+    def __init__(self, cfg: MiniCPMConfig, scheme: str | None, target, kv_dtype: str = KV_DTYPE):
         kinds = weight_kinds(scheme)
-        self.cfg, self.target = cfg, target
+        self.cfg, self.target, self.kv_dtype = cfg, target, kv_dtype
         self.tok_embeddings = QWeight(cfg.vocab_size, cfg.hidden_size, kinds["embed"])
-        self.layers = nn.ModuleList([Block(cfg, kinds["linear"]) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([Block(cfg, kinds["linear"], kv_dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=DTYPE)
         if not cfg.tie_word_embeddings:
             self.output = QWeight(cfg.vocab_size, cfg.hidden_size, kinds["output"])
@@ -211,7 +220,7 @@ class MiniCPMTVM(nn.Module):
             mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling={},
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
-            dtype=DTYPE, target=self.target)
+            dtype=self.kv_dtype, target=self.target)
 
     def spec(self) -> dict:
         packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}

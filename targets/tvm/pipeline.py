@@ -32,7 +32,7 @@ from exporter.errors import ExportError
 
 from exporter.quant import GROUP, Q4_PER_WORD
 
-from .model import MiniCPMTVM, q4_at, q8_at
+from .model import KV_DTYPE, MiniCPMTVM, q4_at, q8_at
 from .reproducible import canonical_shape_funcs
 
 TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
@@ -56,14 +56,16 @@ def make_target(backend: str, cpu_target: dict) -> tvm.target.Target:
 
 
 def export_ir(cfg: MiniCPMConfig, scheme: str | None, target: tvm.target.Target,
-              metadata: dict | None = None) -> tuple[tvm.IRModule, list[tuple[str, tuple, str]]]:
+              metadata: dict | None = None, kv_dtype: str = KV_DTYPE) -> tuple[tvm.IRModule, list[tuple[str, tuple, str]]]:
     """Relax IRModule of the model + the packed params (name, shape, dtype) in call order.
-    ``metadata`` (plus the params list) is returned by the module's ``_metadata()`` as JSON."""
-    model = MiniCPMTVM(cfg, scheme, target)
+    ``metadata`` (plus the params list) is returned by the module's ``_metadata()`` as JSON.
+    ``kv_dtype``: the paged KV cache's dtype (model.py)."""
+    model = MiniCPMTVM(cfg, scheme, target, kv_dtype)
     mod, params = model.export_tvm(spec=model.spec())
     specs = [(name, tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in params]
     meta = dict(metadata or {})
     meta["params"] = [{"name": n, "shape": list(s), "dtype": d} for n, s, d in specs]
+    meta["kv_dtype"] = kv_dtype
     bb = relax.BlockBuilder(mod)
     with bb.function("_metadata", params=[]):
         bb.emit_func_output(relax.expr.String(json.dumps(meta, sort_keys=True)))

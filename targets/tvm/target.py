@@ -38,6 +38,7 @@ from runner.build import install_runner
 from . import pipeline
 from .params import tvm_params, write_tensor_cache
 from .presets import get_preset
+from .model import KV_DTYPE, kv_cache_bytes
 from .runner import PAGE_SIZE, TVMModel
 
 BACKENDS = {"cpu": ("cpu",), "opencl": ("opencl",), "all": ("cpu", "opencl")}
@@ -144,19 +145,25 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
     libs: dict[str, dict] = {}
     builds = {}
     log = req.progress.log
+    kernels = pipeline.kernels_available() and scheme in ("q4f16", "q4f16_e8")
+    # float16 KV cache with the int4 kernels (their int8 activations dominate the error); the plain
+    # pipeline keeps float32 so that it stays exact against the reference (LOGIT_ATOL)
+    kv_dtype = KV_DTYPE if kernels else "float32"
+    kv_cache = {"dtype": kv_dtype, "context_window": req.recipe.context_window,
+                "bytes_at_context": kv_cache_bytes(req.config, req.recipe.context_window, kv_dtype)}
     with req.progress.stage("compile"):
         for backend in BACKENDS[req.backend]:
             cpu_target = preset.llvm_target(triple)
             log(f"{backend}: {triple}, SoC preset {preset.name} (mcpu={preset.mcpu})")
             target = pipeline.make_target(backend, cpu_target)
-            mod, specs = pipeline.export_ir(req.config, scheme, target, {**meta, "backend": backend})
+            mod, specs = pipeline.export_ir(req.config, scheme, target, {**meta, "backend": backend}, kv_dtype)
             builds[backend] = pipeline.compile_ir(mod, target, prefix=prefix)
             libs[backend] = {"tar": f"lib/{backend}/model.tar", "so": f"lib/{backend}/model.so",
                              "target": cpu_target if backend == "cpu" else
                              {"device": pipeline.OPENCL_TARGET, "host": cpu_target}}
         log("host: x86_64 build for verification and `mcpm-export run`")
         host_target = pipeline.make_target("cpu", pipeline.HOST_TARGET)
-        mod, specs = pipeline.export_ir(req.config, scheme, host_target, {**meta, "backend": "host"})
+        mod, specs = pipeline.export_ir(req.config, scheme, host_target, {**meta, "backend": "host"}, kv_dtype)
         host_ex = pipeline.compile_ir(mod, host_target)
         libs["host"] = {"so": "lib/host/model.so", "target": pipeline.HOST_TARGET}
 
@@ -189,13 +196,12 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
         runner_keys = install_runner(staging, say=log)   # runner/mcpm-run + its loader and libraries
 
     with req.progress.stage("verify"):
-        kernels = pipeline.kernels_available() and scheme in ("q4f16", "q4f16_e8")
         report = verify(req, staging / "lib" / "host" / "model.so", [a for _, a in named], kernels=kernels)
         log(f"host build: greedy {VERIFY_TOKENS} tokens equal the PyTorch reference, max |logit diff| "
             f"{report['max_abs_logit_diff']:.1e} (bound {report['logit_atol']:.0e}, int4 kernels: {kernels})")
     return {"platform": req.platform, "triple": triple, "backends": list(BACKENDS[req.backend]),
             "soc": {"preset": preset.name, "mcpu": preset.mcpu, "mattr": list(preset.mattr)},
-            "system_lib_prefix": prefix, "libs": libs, "verification": report, **runner_keys,
+            "system_lib_prefix": prefix, "libs": libs, "kv_cache": kv_cache, "verification": report, **runner_keys,
             **({"opencl": {"built": True, "executed": False, "note": OPENCL_NOTE}}
                if "opencl" in BACKENDS[req.backend] else {})}
 

@@ -248,33 +248,37 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   r = _mm_cvtss_f32(q);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
+  /* 4 groups (64 weight bytes, one prefetch) per iteration, one accumulator each: no loop-carried
+   * chain through a single fmla, no per-group branches (bench/arm_kernels.py models this loop). */
   const uint8x16_t mask = vdupq_n_u8(15);
-  float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
-  for (; g < G; g++) {
-    if (!(g & 3)) PREFETCH(w + g * 16);
+  float32x4_t acc[4] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+  for (; g + 4 <= G; g += 4) {
+    PREFETCH(w + g * 16);
     if (!(g & 31)) PREFETCH(s + g);
-    const uint8x16_t wb = vld1q_u8(w + g * 16);
-    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
-    const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
-    const int8x16_t xl = vld1q_s8(xq + g * 32), xh = vld1q_s8(xq + g * 32 + 16);
-    int32x4_t a = vld1q_s32(nb + g * 4);
+    const float32x4_t sd = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + g))), vld1q_f32(xd + g));
+    int32x4_t a[4];
+    for (int j = 0; j < 4; j++) {
+      const uint8x16_t wb = vld1q_u8(w + (g + j) * 16);
+      const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
+      const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
+      const int8x16_t xl = vld1q_s8(xq + (g + j) * 32), xh = vld1q_s8(xq + (g + j) * 32 + 16);
+      a[j] = vld1q_s32(nb + (g + j) * 4);
 #ifdef __ARM_FEATURE_DOTPROD
-    a = vdotq_s32(a, lo, xl);
-    a = vdotq_s32(a, hi, xh);
+      a[j] = vdotq_s32(vdotq_s32(a[j], lo, xl), hi, xh);
 #else
-    int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(xl));
-    p0 = vmlal_s8(p0, vget_low_s8(hi), vget_low_s8(xh));
-    int16x8_t p1 = vmull_s8(vget_high_s8(lo), vget_high_s8(xl));
-    p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(xh));
-    a = vpadalq_s16(vpadalq_s16(a, p0), p1);
+      int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(xl));
+      p0 = vmlal_s8(p0, vget_low_s8(hi), vget_low_s8(xh));
+      int16x8_t p1 = vmull_s8(vget_high_s8(lo), vget_high_s8(xl));
+      p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(xh));
+      a[j] = vpadalq_s16(vpadalq_s16(a[j], p0), p1);
 #endif
-    union { uint16_t u; __fp16 f; } hs;
-    hs.u = s[g];
-    const float sd = (float)hs.f * xd[g];
-    if (g & 1) acc1 = vfmaq_n_f32(acc1, vcvtq_f32_s32(a), sd);
-    else acc0 = vfmaq_n_f32(acc0, vcvtq_f32_s32(a), sd);
+    }
+    acc[0] = vfmaq_laneq_f32(acc[0], vcvtq_f32_s32(a[0]), sd, 0);
+    acc[1] = vfmaq_laneq_f32(acc[1], vcvtq_f32_s32(a[1]), sd, 1);
+    acc[2] = vfmaq_laneq_f32(acc[2], vcvtq_f32_s32(a[2]), sd, 2);
+    acc[3] = vfmaq_laneq_f32(acc[3], vcvtq_f32_s32(a[3]), sd, 3);
   }
-  r = vaddvq_f32(vaddq_f32(acc0, acc1));
+  r = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
 #endif
   for (; g < G; g++) r += group_dot(w + g * 16, s[g], xq + g * 32, nb + g * 4, xd[g]);
   return r;
@@ -394,9 +398,11 @@ static inline void rows2_dot4(const uint8_t* w, const uint16_t* s, const int8_t*
 }
 #endif
 
+#include "q4_gemm.c"       /* the prefill GEMM: q4_gemm_rows */
+
 /* y[t, r] for all tokens t and weight rows r0 <= r < r1: qw uint32 [n_out, k/8], sc f16 [n_out, k/32],
  * the quantised activations of mcpm_q4_quant_act, y float32 [m, n_out].  r0/r1 are int32: TVM's
- * parallel-loop lowering passes the task range as i32. */
+ * parallel-loop lowering passes the task range as i32.  Four tokens or more: the GEMM of q4_gemm.c. */
 KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* xqt, const DLT* nbt, const DLT* xdt,
                             DLT* yt, int32_t r0, int32_t r1) {
   const uint32_t* qw = PTR(const uint32_t, qwt);
@@ -407,31 +413,14 @@ KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* 
   float* y = PTR(float, yt);
   const int64_t m = yt->shape[0], n_out = yt->shape[1], k = qwt->shape[1] * 8;
   const int64_t G = k / 32;
-  int64_t r = r0;
-#ifdef HAVE_MMLA
-  if (m >= 4)
-    for (; r + 2 <= r1; r += 2) {
-      int64_t t = 0;
-      for (; t + 4 <= m; t += 4)
-        rows2_dot4((const uint8_t*)(qw + r * (k / 8)), sc + r * G, xq + t * k, nb + t * (k / 8), xd + t * G, G, k,
-                   y + t * n_out + r, n_out);
-      for (; t < m; t++)
-        for (int64_t i = r; i < r + 2; i++)
-          y[t * n_out + i] = row_dot((const uint8_t*)(qw + i * (k / 8)), sc + i * G, xq + t * k,
-                                     nb + t * (k / 8), xd + t * G, G);
-    }
-#endif
-  for (; r < r1; r++) {
-    const uint8_t* w = (const uint8_t*)(qw + r * (k / 8));
-    const uint16_t* s = sc + r * G;
-    int64_t t = 0;
-#ifdef HAVE_DOT4
-    for (; t + 4 <= m; t += 4)
-      row_dot4(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G, k, y + t * n_out + r, n_out);
-#endif
-    for (; t < m; t++)
-      y[t * n_out + r] = row_dot(w, s, xq + t * k, nb + t * (k / 8), xd + t * G, G);
+  if (m >= 4) {
+    q4_gemm_rows(qw, sc, xq, nb, xd, y, m, n_out, k, r0, r1);
+    return 0;
   }
+  for (int64_t r = r0; r < r1; r++)
+    for (int64_t t = 0; t < m; t++)
+      y[t * n_out + r] = row_dot((const uint8_t*)(qw + r * (k / 8)), sc + r * G, xq + t * k, nb + t * (k / 8),
+                                 xd + t * G, G);
   return 0;
 }
 
@@ -567,77 +556,6 @@ KEXPORT int32_t KSYM(q8_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
     if (r0 >= n_out) return 0;
     KSYM(q8_matmul_rows)(qw, sc, xq, xd, y, r0, r0 + chunk < n_out ? r0 + chunk : n_out);
   }
-}
-
-/* ------------------------------------------------------------------ decode attention (paged KV cache)
- * Replaces TVM's CPU decode kernel of the paged KV cache (tvm.relax.frontend.nn.llm, 0.27:
- * "batch_decode_paged_kv_cpu": serial over heads, scalar, one exp2 call per row per dimension loop),
- * same arguments and results; kernels.py's wrapper runs the query heads as a parallel loop.
- * Q [B, Hq, D], pages [P, 2, Hkv, page, D] (0 = K, 1 = V), page_indptr [B+1] and page_values:
- * the pages of each sequence, last_len [B]: slots used in its last page; output [B, Hq, D] and
- * lse [B, Hq] (log2 of the softmax denominator plus the max, what the cache merges with).  float32,
- * no sliding window.  RoPE must already be applied (the model's RopeMode.NORMAL): with rotary_mode 1
- * the output is NaN so that verification fails loudly. */
-#define ATT_CHUNK 64
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-  float r = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; i++) r += a[i] * b[i];
-  return r;
-}
-
-static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
-                             const DLT* len_t, DLT* ot, DLT* lset, int64_t h, int32_t rotary_mode, float sm_scale) {
-  const int64_t B = qt->shape[0], Hq = qt->shape[1], D = qt->shape[2];
-  const int64_t Hkv = pt->shape[2], page = pt->shape[3], kvh = h / (Hq / Hkv);
-  const float* pages = PTR(const float, pt);
-  const int32_t* indptr = PTR(const int32_t, indptr_t);
-  const int32_t* values = PTR(const int32_t, values_t);
-  const int32_t* last_len = PTR(const int32_t, len_t);
-  const float scale = sm_scale * 1.4426950408889634f;          /* scores in log2 units: exp2 below */
-  for (int64_t b = 0; b < B; b++) {
-    const float* q = PTR(const float, qt) + (b * Hq + h) * D;
-    float* o = PTR(float, ot) + (b * Hq + h) * D;
-    const int32_t p0 = indptr[b], np = indptr[b + 1] - p0;
-    const int64_t n = np > 0 ? (int64_t)(np - 1) * page + last_len[b] : 0;
-    float m = -5e4f, den = 0.f, sc[ATT_CHUNK];
-    for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-    for (int64_t c = 0; c < n; c += ATT_CHUNK) {
-      const int64_t e = c + ATT_CHUNK < n ? c + ATT_CHUNK : n;
-      float cm = m;
-      for (int64_t i = c; i < e; i++) {
-        const float* k = pages + (((int64_t)values[p0 + i / page] * 2 * Hkv + kvh) * page + i % page) * D;
-        sc[i - c] = dot_f32(q, k, D) * scale;
-        cm = sc[i - c] > cm ? sc[i - c] : cm;
-      }
-      const float rescale = __builtin_exp2f(m - cm);                /* earlier rows, to the new max */
-      den *= rescale;
-      for (int64_t d = 0; d < D; d++) o[d] *= rescale;
-      for (int64_t i = c; i < e; i++) {
-        const float pw = __builtin_exp2f(sc[i - c] - cm);
-        const float* v = pages + ((((int64_t)values[p0 + i / page] * 2 + 1) * Hkv + kvh) * page + i % page) * D;
-        den += pw;
-        for (int64_t d = 0; d < D; d++) o[d] += pw * v[d];
-      }
-      m = cm;
-    }
-    const float inv = (den > 0.f ? 1.f / den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
-    for (int64_t d = 0; d < D; d++) o[d] *= inv;
-    PTR(float, lset)[b * Hq + h] = m + (den > 0.f ? __builtin_log2f(den) : 0.f);
-  }
-}
-
-/* Parallel slot t of n: query heads [t*Hq/n, (t+1)*Hq/n). */
-KEXPORT int32_t KSYM(attn_decode)(const DLT* q, const DLT* pages, const DLT* indptr, const DLT* values,
-                                  const DLT* last_len, DLT* out, DLT* lse, int32_t t, int32_t n,
-                                  int32_t rotary_mode, float sm_scale) {
-  const int64_t Hq = q->shape[1];
-  for (int64_t h = t * Hq / n; h < (t + 1) * Hq / n; h++)
-    attn_decode_head(q, pages, indptr, values, last_len, out, lse, h, rotary_mode, sm_scale);
-  return 0;
 }
 
 /* ------------------------------------------------------------------ int8 weight GEMM (vision encoder)
@@ -993,3 +911,7 @@ KEXPORT int32_t KSYM(vq8_matmul_dyn)(const DLT* qwt, const DLT* sct, const DLT* 
              PTR(float, yt), m, n_out, Kp, r0, r0 + VQ8_ROWS < n_out ? r0 + VQ8_ROWS : n_out);
   }
 }
+
+/* ------------------------------------------------------------------ further kernels, same translation unit
+ * (kernels.py compiles this file; the others share its DLTensor, symbol and fp16 helpers). */
+#include "attention.c"   /* decode + prefill attention of the paged KV cache */

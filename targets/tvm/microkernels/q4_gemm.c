@@ -1,0 +1,135 @@
+/* Prefill GEMM: int4 (q4f16) weights x int8 activations for chunks of many tokens, included by
+ * q4_matmul.c (same activation layout, same maths; see there).
+ *
+ * Decode reads each weight once per token, which is all a GEMV can do.  For a prefill chunk of m
+ * tokens the per-row path (row_dot4: one row x 4 tokens) re-read every token's activations for every
+ * weight row: m * k * 1.6 bytes per row (1.9 MB at m = 512, k = 2304), from L3, ~2 TB per 2B-shaped
+ * pp512.  Here a task's rows are walked once per block of GEMM_TOK tokens (whose activations,
+ * ~120 KB, stay in L2), in register tiles of GEMM_R rows x 4 tokens: each weight block is unpacked once
+ * for 4 tokens and each activation block serves GEMM_R rows.
+ *   AVX-512 (VNNI or BW):  4 rows x 4 tokens, 4 groups (128 inputs) per step, 16 zmm accumulators
+ *   NEON dotprod:          4 rows x 4 tokens, 1 group per step, 16 q-register accumulators
+ *   NEON i8mm:             2 rows x 4 tokens with smmla (rows2_dot4 of q4_matmul.c)
+ *   others (AVX2, Armv8.0, C): 1 row x 1-4 tokens, with the same token blocking. */
+#define GEMM_TOK 32
+
+#if BLK == 4
+#define GEMM_R 4
+/* y[t, r] for rows w..w + 4 rows (row stride wstride bytes) x tokens xq..xq + 4 tokens. */
+static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G, const int8_t* xq,
+                             const int32_t* nb, const float* xd, int64_t k, float* out, int64_t ostride) {
+  const int64_t W = k / 8;
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+#ifndef __AVX512VNNI__
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  __m512 acc[GEMM_R][4];
+  for (int r = 0; r < GEMM_R; r++)
+    for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    __m512i lo[GEMM_R], hi[GEMM_R];
+    __m512 sv[GEMM_R];
+    for (int r = 0; r < GEMM_R; r++) {
+      const __m512i wb = _mm512_loadu_si512((const void*)(w + r * wstride + g * 16));
+      lo[r] = _mm512_and_si512(wb, mask);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
+      sv[r] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(
+          _mm_loadl_epi64((const __m128i*)(s + r * G + g)))));
+    }
+    for (int t = 0; t < 4; t++) {
+      const int8_t* xt = xq + t * k + g * 32;
+      const __m512i xl = _mm512_loadu_si512((const void*)xt), xh = _mm512_loadu_si512((const void*)(xt + 64));
+      const __m512i n = _mm512_loadu_si512((const void*)(nb + t * W + g * 4));
+      const __m512 dv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(xd + t * G + g)));
+      for (int r = 0; r < GEMM_R; r++) {
+#ifdef __AVX512VNNI__
+        const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(n, lo[r], xl), hi[r], xh);
+#else
+        const __m512i a = _mm512_add_epi32(n, _mm512_madd_epi16(_mm512_add_epi16(
+            _mm512_maddubs_epi16(lo[r], xl), _mm512_maddubs_epi16(hi[r], xh)), ones));
+#endif
+        acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), dv), sv[r], acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < GEMM_R; r++)
+    for (int t = 0; t < 4; t++) {
+      float v = _mm512_reduce_add_ps(acc[r][t]);
+      for (int64_t gg = g; gg < G; gg++)
+        v += group_dot(w + r * wstride + gg * 16, s[r * G + gg], xq + t * k + gg * 32, nb + t * W + gg * 4,
+                       xd[t * G + gg]);
+      out[t * ostride + r] = v;
+    }
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD) && !defined(HAVE_MMLA)
+#define GEMM_R 4
+static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G, const int8_t* xq,
+                             const int32_t* nb, const float* xd, int64_t k, float* out, int64_t ostride) {
+  const int64_t W = k / 8;
+  const uint8x16_t mask = vdupq_n_u8(15);
+  float32x4_t acc[GEMM_R][4];
+  for (int r = 0; r < GEMM_R; r++)
+    for (int t = 0; t < 4; t++) acc[r][t] = vdupq_n_f32(0.f);
+  for (int64_t g = 0; g < G; g++) {
+    int8x16_t lo[GEMM_R], hi[GEMM_R];
+    float sr[GEMM_R];
+    for (int r = 0; r < GEMM_R; r++) {
+      const uint8x16_t wb = vld1q_u8(w + r * wstride + g * 16);
+      lo[r] = vreinterpretq_s8_u8(vandq_u8(wb, mask));
+      hi[r] = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
+      sr[r] = h2f_fast(s[r * G + g]);
+    }
+    for (int t = 0; t < 4; t++) {
+      const int8_t* xt = xq + t * k + g * 32;
+      const int8x16_t xl = vld1q_s8(xt), xh = vld1q_s8(xt + 16);
+      const int32x4_t n = vld1q_s32(nb + t * W + g * 4);
+      const float d = xd[t * G + g];
+      for (int r = 0; r < GEMM_R; r++) {
+        const int32x4_t a = vdotq_s32(vdotq_s32(n, lo[r], xl), hi[r], xh);
+        acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(a), sr[r] * d);
+      }
+    }
+  }
+  for (int r = 0; r < GEMM_R; r++)
+    for (int t = 0; t < 4; t++) out[t * ostride + r] = vaddvq_f32(acc[r][t]);
+}
+#elif defined(HAVE_MMLA)
+#define GEMM_R 2
+static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G, const int8_t* xq,
+                             const int32_t* nb, const float* xd, int64_t k, float* out, int64_t ostride) {
+  (void)wstride;                     /* rows2_dot4 takes the second row at w + k / 2, s + G */
+  rows2_dot4(w, s, xq, nb, xd, G, k, out, ostride);
+}
+#endif
+
+/* y[t, r] for tokens 0 <= t < m and rows r0 <= r < r1 (m >= 4). */
+static void q4_gemm_rows(const uint32_t* qw, const uint16_t* sc, const int8_t* xq, const int32_t* nb, const float* xd,
+                         float* y, int64_t m, int64_t n_out, int64_t k, int64_t r0, int64_t r1) {
+  const int64_t G = k / 32, W = k / 8;
+  for (int64_t t0 = 0; t0 < m; t0 += GEMM_TOK) {
+    const int64_t t1 = t0 + GEMM_TOK < m ? t0 + GEMM_TOK : m;
+    int64_t r = r0;
+#ifdef GEMM_R
+    for (; r + GEMM_R <= r1; r += GEMM_R) {
+      int64_t t = t0;
+      for (; t + 4 <= t1; t += 4)
+        gemm_tile((const uint8_t*)(qw + r * W), k / 2, sc + r * G, G, xq + t * k, nb + t * W, xd + t * G, k,
+                  y + t * n_out + r, n_out);
+      for (; t < t1; t++)
+        for (int64_t i = r; i < r + GEMM_R; i++)
+          y[t * n_out + i] = row_dot((const uint8_t*)(qw + i * W), sc + i * G, xq + t * k, nb + t * W, xd + t * G, G);
+    }
+#endif
+    for (; r < r1; r++) {
+      const uint8_t* w = (const uint8_t*)(qw + r * W);
+      int64_t t = t0;
+#ifdef HAVE_DOT4
+      for (; t + 4 <= t1; t += 4)
+        row_dot4(w, sc + r * G, xq + t * k, nb + t * W, xd + t * G, G, k, y + t * n_out + r, n_out);
+#endif
+      for (; t < t1; t++) y[t * n_out + r] = row_dot(w, sc + r * G, xq + t * k, nb + t * W, xd + t * G, G);
+    }
+  }
+}
