@@ -3,7 +3,7 @@
     python3.11 bench/make_2b_checkpoint.py [OUT_DIR]     (default $MCPM_EXPORT_CACHE/bench/minicpm-2b-random)
 
 Shapes of openbmb/MiniCPM-2B (hidden 2304, 40 layers, 36 heads, inter 5760, vocab 122753, tied), HF
-names and layout (sharded safetensors + index), the SentencePiece tokenizer of models/tinycpm-docs
+names and layout (sharded safetensors + index), the SentencePiece tokenizer of exporter/models/tinycpm-docs
 (converters pad the vocabulary to vocab_size). Weights ~ N(0, 0.02), norms 1. About 5.4 GB, ~1 min.
 """
 from __future__ import annotations

@@ -120,8 +120,8 @@ def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None 
         ppl_fp = perplexity(lm.model, ids, count=windows)
         ppl_q = perplexity(qref, ids, count=windows)
     n = min(len(ids) // 512, windows or 10**9)
-    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "text": str(text), "tokens": n * 512,
-            "windows": n, "ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
+    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "text": str(text),
+            "tokens": n * 512, "windows": n, "ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
             "loss_pct": round(100 * (ppl_q / ppl_fp - 1), 3)}
 
 
