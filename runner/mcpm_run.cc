@@ -1,9 +1,10 @@
 // mcpm-run: load an mcpm-export TVM bundle on the device, prefill a prompt, decode greedily and
 // print one JSON object with timings. Any error: one "mcpm-run: error: ..." line, exit 1.
 //
-// Bundle layout (docs/DESIGN.md): mlc-chat-config.json, params/tensor-cache.json +
-// params/params_shard_*.bin, and a Relax VM model library (.so) with the functions
-// embed / prefill / decode / create_tir_paged_kv_cache. With --image (vision bundles): the image
+// Bundle layout (docs/DESIGN.md, MLC-LLM's flat layout): mlc-chat-config.json, tensor-cache.json +
+// params_shard_*.bin next to it, and a Relax VM model library (.so) with MLC-LLM's functions, called
+// the way MLC's engine calls them: embed -> [n, hidden] viewed [1, n, hidden] -> prefill / decode ->
+// (logits, kv_cache), around kv_state_begin_forward / end_forward. With --image (vision bundles): the image
 // path of vision.cc, vision/lib/<device>/vision.so's image_embed per encoded image, the features
 // spliced over the <unk> rows of embed(ids) before prefill.
 #include <sys/stat.h>
@@ -238,19 +239,28 @@ static std::string JsonStr(const json::Object& cfg, const std::vector<std::strin
   return str ? std::string(*str) : "";
 }
 
-// The model library: --lib, else mlc-chat-config.json "model_lib" (a path, or an object whose
-// libs.<device>.so is one), else lib/<device>/model.so, lib/model.so, model.so.
+// The model library: --lib, else mlc-chat-config.json mcpm.libs.<device>.so, else
+// lib/<device>/model.so, lib/model.so, model.so.
 static std::string FindLib(const Options& o, const json::Object& cfg) {
   if (!o.lib.empty()) {
     if (!Exists(o.lib)) throw Fail("model library not found: " + o.lib);
     return o.lib;
   }
-  std::vector<std::string> rels = {JsonStr(cfg, {"model_lib"}), JsonStr(cfg, {"model_lib", "libs", o.device, "so"}),
-                                   "lib/" + o.device + "/model.so", "lib/model.so", "model.so"};
+  std::vector<std::string> rels = {JsonStr(cfg, {"mcpm", "libs", o.device, "so"}), "lib/" + o.device + "/model.so",
+                                   "lib/model.so", "model.so"};
   for (const std::string& rel : rels)
     if (!rel.empty() && Exists(o.bundle + "/" + rel)) return o.bundle + "/" + rel;
   throw Fail("no model library for device " + o.device + " in bundle " + o.bundle + " (looked for mlc-chat-config.json "
-             "model_lib, lib/" + o.device + "/model.so, lib/model.so, model.so; or pass --lib)");
+             "mcpm.libs." + o.device + ".so, lib/" + o.device + "/model.so, lib/model.so, model.so; or pass --lib)");
+}
+
+// The system-lib prefix of the device's library: mcpm.libs.<device>.prefix, else MLC's rule for the
+// string model_lib ("system://<model_lib>" loads SystemLib(model_lib + "_")).
+static std::string LibPrefix(const Options& o, const json::Object& cfg) {
+  std::string p = JsonStr(cfg, {"mcpm", "libs", o.device, "prefix"});
+  if (!p.empty()) return p;
+  std::string lib = JsonStr(cfg, {"model_lib"});
+  return lib.empty() ? "" : lib + "_";
 }
 
 static int32_t Argmax(const Tensor& logits, std::vector<float>* buf) {
@@ -461,7 +471,7 @@ static int Run(const Options& o) {
   int64_t total = static_cast<int64_t>(prompt.size()) + o.gen_len;
   if (total > ctx) throw Fail("prompt + gen-len = " + std::to_string(total) + " exceeds context_window_size " + std::to_string(ctx));
   std::string lib = FindLib(o, cfg);
-  std::string params_dir = o.bundle + "/params";
+  std::string params_dir = o.bundle;  // MLC: the tensor cache sits next to mlc-chat-config.json
   json::Object cache = CheckShards(params_dir);
   json::Object vcache = vision ? CheckShards(vb.dir + "/params") : json::Object();
   if (vision && !Exists(vb.lib)) throw Fail("vision library not found for device " + o.device + ": " + vb.lib);
@@ -473,7 +483,7 @@ static int Run(const Options& o) {
   if (!o.logits_out.empty() && !(dump = std::fopen(o.logits_out.c_str(), "wb")))
     throw Fail("cannot write --logits-out " + o.logits_out);
   auto t0 = clock::now();
-  Vm model = LoadVm(lib, JsonStr(cfg, {"model_lib", "system_lib_prefix"}), dev);
+  Vm model = LoadVm(lib, LibPrefix(o, cfg), dev);
   ffi::Function f_embed = model.Need("embed"), f_prefill = model.Need("prefill"), f_decode = model.Need("decode");
   ffi::Function f_create = model.Need("create_tir_paged_kv_cache");
   ffi::Array<Tensor> params = LoadParams(model, params_dir, cache, dev);
@@ -528,9 +538,11 @@ static int Run(const Options& o) {
   auto forward = [&](const Tensor& emb, int64_t n, bool is_prefill) {
     Tensor emb3 = View(emb, ffi::Shape({1, n, emb.shape()[emb.ndim() - 1]}));
     f_begin(kv, ffi::Shape({0}), ffi::Shape({n}));
-    Tensor logits = (is_prefill ? f_prefill : f_decode)(emb3, kv, params).cast<Tensor>();
+    ffi::Any ret = (is_prefill ? f_prefill : f_decode)(emb3, kv, params);
     f_end(kv);
-    return logits;
+    auto tup = ret.try_cast<ffi::Array<ffi::Any>>();  // MLC's contract: (logits, kv_cache)
+    if (!tup || tup->size() != 2) throw Fail("prefill/decode must return (logits, kv_cache): " + model.lib);
+    return (*tup)[0].cast<Tensor>();
   };
   std::vector<float> buf;
   std::vector<int32_t> out;

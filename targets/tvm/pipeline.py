@@ -16,7 +16,6 @@ Lowering order for every build:
 """
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tvm.support import cc
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
+from exporter.verify import expected_prefix
 
 from . import mlc
 from .model import MiniCPMTVM
@@ -43,9 +43,9 @@ OPENCL_TARGET = {"kind": "opencl", "max_num_threads": 256, "max_shared_memory_pe
                  "thread_warp_size": 1}
 
 
-def system_lib_prefix(recipe: str) -> str:
-    """``mcpm_<recipe>_`` with non-alphanumerics replaced by ``_`` (DESIGN.md)."""
-    return "mcpm_" + re.sub(r"[^0-9A-Za-z]", "_", recipe) + "_"
+def system_lib_prefix(recipe: str, backend: str = "cpu") -> str:
+    """``mcpm_<recipe>_`` (cpu) / ``mcpm_<recipe>_opencl_`` (DESIGN.md): one app can link both libraries."""
+    return expected_prefix(recipe, backend)
 
 
 def make_target(backend: str, cpu_target: dict) -> tvm.target.Target:

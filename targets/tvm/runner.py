@@ -133,7 +133,7 @@ def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
         conf = json.loads(conf_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"{conf_path}: cannot read ({e})") from None
-    params = [a for _, a in read_tensor_cache(bundle / "params")]
+    params = [a for _, a in read_tensor_cache(bundle)]   # MLC's flat layout: next to mlc-chat-config.json
     model = TVMModel(bundle / "lib" / "host" / "model.so", params, conf["context_window_size"],
                      conf["prefill_chunk_size"])
     return model, Tokenizer(bundle / "tokenizer.model"), conf
