@@ -89,12 +89,14 @@ class TVMModel:
         return logits
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None,
-                 embed_hook: Callable[[np.ndarray], np.ndarray] | None = None) -> Generation:
+                 embed_hook: Callable[[np.ndarray], np.ndarray] | None = None,
+                 stop_ids: set[int] | None = None) -> Generation:
         if not prompt:
             raise ExportError("prompt is empty after tokenization")
         if len(prompt) + max_new_tokens > self.context_window:
             raise ExportError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
                               f"the context window {self.context_window}")
+        stop = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
         kv = self.new_cache()
         t0 = time.perf_counter()
         embeds = self.embed(prompt)
@@ -105,7 +107,7 @@ class TVMModel:
             steps.append(logits)
             nxt = int(np.argmax(logits))
             out.append(nxt)
-            if (eos_id is not None and nxt == eos_id) or i == max_new_tokens - 1:
+            if nxt in stop or i == max_new_tokens - 1:
                 break
             logits = self.forward(kv, self.embed([nxt]), "decode")
         t2 = time.perf_counter()
@@ -139,13 +141,21 @@ def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
     return model, Tokenizer(bundle / "tokenizer.model"), conf
 
 
-def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32) -> dict:
-    """Greedy generation with the bundle's host build (what `mcpm-export run` prints)."""
+def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> dict:
+    """Greedy generation with the bundle's host build (what `mcpm-export run` prints). ``chat``: the
+    prompt is one user turn in the bundle's chat template (exporter/chat.py, as the model was trained);
+    else it is tokenized as is. Generation stops at the template's stop tokens."""
+    from exporter.chat import get_chat_template
+
     if max_new_tokens < 1:
         raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     model, tok, conf = load_bundle(bundle)
-    ids = tok.encode(prompt)
-    gen = model.generate(ids, max_new_tokens, eos_id=conf.get("eos_token_id"))
-    return {"bundle": str(bundle), "prompt_tokens": len(ids), "tokens": gen.tokens, "text": tok.decode(gen.tokens),
+    template = get_chat_template(conf.get("mcpm", {}).get("chat_template", "plain"))
+    text = template.format_turns([("user", prompt)]) if chat else prompt
+    ids = tok.encode(text, bos=template.add_bos or not chat)
+    stop = set(template.stop_token_ids) | {tok.eos_id}
+    gen = model.generate(ids, max_new_tokens, stop_ids=stop)
+    return {"bundle": str(bundle), "chat_template": template.name if chat else None, "prompt_text": text,
+            "prompt_tokens": len(ids), "tokens": gen.tokens, "text": tok.decode(gen.tokens),
             "prefill_tok_s": round(gen.prefill_tok_s, 2), "decode_tok_s": round(gen.decode_tok_s, 2),
             "backend": "host (x86_64 build in lib/host)"}
