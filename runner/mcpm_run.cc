@@ -71,11 +71,13 @@ struct Options {
   long prompt_len = -1, gen_len = 16;
   int threads = 0;
   bool plan_only = false;
+  bool system_lib = false;  // the model library is linked into this program: SystemLib(prefix) only
 };
 
 static const char* kUsage =
     "usage: mcpm-run --bundle DIR (--prompt-ids 1,2,3 | --prompt-len N) [--gen-len M]\n"
-    "                [--threads T] [--lib PATH] [--device cpu|opencl] [--logits-out FILE] [--version]\n"
+    "                [--threads T] [--lib PATH | --system-lib] [--device cpu|opencl] [--logits-out FILE]\n"
+    "                [--version]\n"
     "       vision bundles: --image FILE.ppm (binary PPM P6) [--plan-only] [--dump-images DIR]\n"
     "                [--features-out FILE]; --prompt-ids / --prompt-len are then the text after the image\n";
 
@@ -101,6 +103,10 @@ static Options ParseArgs(int argc, char** argv) {
     }
     if (a == "--plan-only") {
       o.plan_only = true;
+      continue;
+    }
+    if (a == "--system-lib") {  // as MLC's apps link libmodel_android.a: no dlopen, SystemLib(prefix)
+      o.system_lib = true;
       continue;
     }
     if (i + 1 >= argc) throw Fail("unknown or incomplete argument '" + a + "' (see --help)");
@@ -313,14 +319,16 @@ struct Vm {
 // A Relax VM library (shared, or a system library whose symbols live under `prefix`), initialised
 // for dev then the host (2 = pooled allocator).
 static Vm LoadVm(const std::string& lib, const std::string& prefix, DLDevice dev) {
-  ffi::Module dso = LoadLib(lib), exe = dso;
+  ffi::Module dso = lib.empty() ? Global("ffi.SystemLib")(ffi::String(prefix)).cast<ffi::Module>() : LoadLib(lib);
+  ffi::Module exe = dso;
   auto load_exe = exe->GetFunction("vm_load_executable", true);
   if (!load_exe) {  // a system library: loading it registered its symbols under the prefix
     exe = Global("ffi.SystemLib")(ffi::String(prefix)).cast<ffi::Module>();
     load_exe = exe->GetFunction("vm_load_executable", true);
   }
+  if (!load_exe && lib.empty()) throw Fail("no system library with prefix '" + prefix + "' is linked into this program");
   if (!load_exe) throw Fail("not a Relax VM library (no vm_load_executable): " + lib);
-  Vm v{dso, (*load_exe)().cast<ffi::Module>(), lib};
+  Vm v{dso, (*load_exe)().cast<ffi::Module>(), lib.empty() ? "system-lib " + prefix : lib};
   (*v.vm->GetFunction("vm_initialization", false))(static_cast<int>(dev.device_type), 0, 2, static_cast<int>(kDLCPU), 0, 2);
   return v;
 }
@@ -470,7 +478,7 @@ static int Run(const Options& o) {
     if (vocab > 0 && t >= vocab) throw Fail("prompt token id " + std::to_string(t) + " >= vocab_size " + std::to_string(vocab));
   int64_t total = static_cast<int64_t>(prompt.size()) + o.gen_len;
   if (total > ctx) throw Fail("prompt + gen-len = " + std::to_string(total) + " exceeds context_window_size " + std::to_string(ctx));
-  std::string lib = FindLib(o, cfg);
+  std::string lib = o.system_lib ? "" : FindLib(o, cfg);
   std::string params_dir = o.bundle;  // MLC: the tensor cache sits next to mlc-chat-config.json
   json::Object cache = CheckShards(params_dir);
   json::Object vcache = vision ? CheckShards(vb.dir + "/params") : json::Object();

@@ -38,84 +38,120 @@ MLC_FUNCTIONS = ("alloc_embedding_tensor", "softmax_with_temperature", "apply_lo
                  "apply_penalty_inplace", "apply_bitmask_inplace", "_metadata")
 
 
-@T.prim_func(s_tir=True)
-def _apply_logit_bias_inplace(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle,
-                              var_bias: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    batch, vocab, num_token = T.int32(), T.int32(), T.int32()
-    logits = T.match_buffer(var_logits, (batch, vocab), "float32")
-    pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
-    token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
-    bias = T.match_buffer(var_bias, (num_token,), "float32")
-    for i in range(num_token):
-        with T.sblock("bias"):
-            vi = T.axis.spatial(num_token, i)
-            logits[pos2seq_id[vi], token_ids[vi]] = logits[pos2seq_id[vi], token_ids[vi]] + bias[vi]
+@T.macro
+def _bias(logits, pos2seq_id, token_ids, bias, vi):
+    logits[pos2seq_id[vi], token_ids[vi]] = logits[pos2seq_id[vi], token_ids[vi]] + bias[vi]
 
 
-@T.prim_func(s_tir=True)
-def _apply_penalty_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_pos2seq_id: T.handle,
-                           var_token_ids: T.handle, var_token_cnt: T.handle, var_penalties: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    batch, vocab, num_token, num_seq = T.int32(), T.int32(), T.int32(), T.int32()
-    logits = T.match_buffer(var_logits, (batch, vocab), "float32")
-    seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
-    pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
-    token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
-    token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
-    penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")   # presence, frequency, repetition
-    for i in range(num_token):
-        with T.sblock("penalty"):
-            vi = T.axis.spatial(num_token, i)
-            logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] = (
-                logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] - penalties[pos2seq_id[vi], 0]
-                - T.Cast("float32", token_cnt[vi]) * penalties[pos2seq_id[vi], 1])
-            logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] = T.if_then_else(
-                logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] < T.float32(0),
-                logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] * penalties[pos2seq_id[vi], 2],
-                logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] / penalties[pos2seq_id[vi], 2])
+@T.macro
+def _penalty(logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties, vi):
+    logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] = (
+        logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] - penalties[pos2seq_id[vi], 0]
+        - T.Cast("float32", token_cnt[vi]) * penalties[pos2seq_id[vi], 1])
+    logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] = T.if_then_else(
+        logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] < T.float32(0),
+        logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] * penalties[pos2seq_id[vi], 2],
+        logits[seq_ids[pos2seq_id[vi]], token_ids[vi]] / penalties[pos2seq_id[vi], 2])
 
 
-@T.prim_func(s_tir=True)
-def _apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    batch, vocab, num_seq = T.int32(), T.int32(), T.int32()
-    logits = T.match_buffer(var_logits, (batch, vocab), "float32")
-    seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
-    bitmask = T.match_buffer(var_bitmask, (batch, (vocab + 31) // 32), "int32")
-    for i in range(num_seq * vocab):
-        with T.sblock("mask"):
-            vi = T.axis.spatial(num_seq * vocab, i)
-            logits[seq_ids[vi // vocab], vi % vocab] = T.if_then_else(
-                T.bitwise_and(T.shift_right(bitmask[seq_ids[vi // vocab], vi % vocab // 32], vi % vocab % 32), 1) == 1,
-                logits[seq_ids[vi // vocab], vi % vocab], T.min_value("float32"))
+@T.macro
+def _mask(logits, seq_ids, bitmask, vocab, vi):
+    logits[seq_ids[vi // vocab], vi % vocab] = T.if_then_else(
+        T.bitwise_and(T.shift_right(bitmask[seq_ids[vi // vocab], vi % vocab // 32], vi % vocab % 32), 1) == 1,
+        logits[seq_ids[vi // vocab], vi % vocab], T.min_value("float32"))
+
+
+def _logit_bias(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def f(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle, var_bias: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch, vocab, num_token = T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch, vocab), "float32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        bias = T.match_buffer(var_bias, (num_token,), "float32")
+        if gpu:
+            for bx in T.thread_binding((num_token + threads - 1) // threads, "blockIdx.x"):
+                for tx in T.thread_binding(threads, "threadIdx.x"):
+                    with T.sblock("bias"):
+                        vi = T.axis.spatial(num_token, bx * threads + tx)
+                        T.where(bx * threads + tx < num_token)
+                        _bias(logits, pos2seq_id, token_ids, bias, vi)
+        else:
+            for i in range(num_token):
+                with T.sblock("bias"):
+                    vi = T.axis.spatial(num_token, i)
+                    _bias(logits, pos2seq_id, token_ids, bias, vi)
+    return f
+
+
+def _penalty_func(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def f(var_logits: T.handle, var_seq_ids: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle,
+          var_token_cnt: T.handle, var_penalties: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch, vocab, num_token, num_seq = T.int32(), T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch, vocab), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
+        penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")   # presence, frequency, repetition
+        if gpu:
+            for bx in T.thread_binding((num_token + threads - 1) // threads, "blockIdx.x"):
+                for tx in T.thread_binding(threads, "threadIdx.x"):
+                    with T.sblock("penalty"):
+                        vi = T.axis.spatial(num_token, bx * threads + tx)
+                        T.where(bx * threads + tx < num_token)
+                        _penalty(logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties, vi)
+        else:
+            for i in range(num_token):
+                with T.sblock("penalty"):
+                    vi = T.axis.spatial(num_token, i)
+                    _penalty(logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties, vi)
+    return f
+
+
+def _bitmask(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def f(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch, vocab, num_seq = T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch, vocab), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        bitmask = T.match_buffer(var_bitmask, (batch, (vocab + 31) // 32), "int32")
+        if gpu:
+            for bx in T.thread_binding((num_seq * vocab + threads - 1) // threads, "blockIdx.x"):
+                for tx in T.thread_binding(threads, "threadIdx.x"):
+                    with T.sblock("mask"):
+                        vi = T.axis.spatial(num_seq * vocab, bx * threads + tx)
+                        T.where(bx * threads + tx < num_seq * vocab)
+                        _mask(logits, seq_ids, bitmask, vocab, vi)
+        else:
+            for i in range(num_seq * vocab):
+                with T.sblock("mask"):
+                    vi = T.axis.spatial(num_seq * vocab, i)
+                    _mask(logits, seq_ids, bitmask, vocab, vi)
+    return f
 
 
 F32, I32 = "float32", "int32"
-# VM entry point -> (TIR function, its block, the arguments' (name, ndim, dtype))
+# VM entry point -> (TIR function factory (gpu: bool), the arguments' (name, ndim, dtype))
 IN_PLACE = {
-    "apply_logit_bias_inplace": (_apply_logit_bias_inplace, "bias", [
+    "apply_logit_bias_inplace": (_logit_bias, [
         ("logits", 2, F32), ("pos2seq_id", 1, I32), ("token_ids", 1, I32), ("logit_bias", 1, F32)]),
-    "apply_penalty_inplace": (_apply_penalty_inplace, "penalty", [
+    "apply_penalty_inplace": (_penalty_func, [
         ("logits", 2, F32), ("seq_ids", 1, I32), ("pos2seq_id", 1, I32), ("token_ids", 1, I32),
         ("token_cnt", 1, I32), ("penalties", 2, F32)]),
-    "apply_bitmask_inplace": (_apply_bitmask_inplace, "mask", [
-        ("logits", 2, F32), ("seq_ids", 1, I32), ("bitmask", 2, I32)]),
+    "apply_bitmask_inplace": (_bitmask, [("logits", 2, F32), ("seq_ids", 1, I32), ("bitmask", 2, I32)]),
 }
 
 
 def _in_place(bb: relax.BlockBuilder, name: str, gpu: bool) -> None:
     """The TIR function (CPU: serial; GPU: one loop over blocks of GPU_THREADS threads) and the VM entry
     point ``name`` calling it in place on its first argument (the engine looks functions up on the VM)."""
-    func, block, arg_specs = IN_PLACE[name]
-    if gpu:
-        sch = tvm.s_tir.Schedule(func)
-        (loop,) = sch.get_loops(sch.get_sblock(block))
-        bx, tx = sch.split(loop, [None, GPU_THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        func = sch.mod["main"]
-    gv = bb.add_func(func.with_attr({"global_symbol": f"tir_{name}", "tirx.is_scheduled": True}), f"tir_{name}")
+    make, arg_specs = IN_PLACE[name]
+    gv = bb.add_func(make(gpu).with_attr("global_symbol", f"tir_{name}"), f"tir_{name}")
     args = [relax.Var(arg, relax.TensorType([tvm.tirx.Var(f"{arg}_{j}", "int64") for j in range(ndim)], dtype))
             for arg, ndim, dtype in arg_specs]
     with bb.function(name, params=args):
