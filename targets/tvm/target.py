@@ -59,6 +59,13 @@ VERIFY_PROMPT = (
     "    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
 TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "generation_config.json")
 MLC_CHAT_CONFIG_VERSION = "0.1.0"   # what MLC-LLM writes (mlc_llm/support/constants.py)
+# Why V bundles' images need this project's runner (mlc-chat-config.json mcpm.vision; README, DESIGN.md)
+MLC_VISION_NOTE = (
+    "MLC-LLM's engine embeds an image as (image_size/patch_size)^2 placeholder tokens through an image_embed(image "
+    "uint8[1,H,W,3], resize/crop sizes, params) in the text library; MiniCPM-V needs LLaVA-UHD slicing, 64 resampler "
+    "queries per slice between <image>/<slice> tokens and its own encoder library (vision/lib), which MLC cannot "
+    "drive. The text model works in MLC apps (model_config has no vision_config, so MLC refuses image input "
+    "cleanly); images: runner/mcpm-run --image or `mcpm-export run --image`.")
 
 
 @dataclass
@@ -98,7 +105,9 @@ def _write_config(req: BuildRequest, staging: Path, libs: dict, model_lib: str, 
         "pad_token_id": 0, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "model_task": "chat", "model_lib": model_lib,
         "mcpm": {"recipe": recipe.name, "libs": libs, "page_size": PAGE_SIZE, "chat_template": template.name,
-                 "functions": [*mlc.KERNEL_FUNCTIONS, *mlc.MLC_FUNCTIONS]},
+                 "functions": [*mlc.KERNEL_FUNCTIONS, *mlc.MLC_FUNCTIONS],
+                 **({"vision": {"runner": "runner/mcpm-run --image", "mlc": MLC_VISION_NOTE}}
+                    if recipe.is_vision else {})},
     }
     (staging / "mlc-chat-config.json").write_text(json.dumps(conf, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     entry = package_entry(recipe.name, model_lib, cfg, recipe, specs)
