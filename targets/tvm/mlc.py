@@ -61,6 +61,23 @@ def _mask(logits, seq_ids, bitmask, vocab, vi):
         logits[seq_ids[vi // vocab], vi % vocab], T.min_value("float32"))
 
 
+@T.macro(hygienic=False)
+def _each(n, gpu, threads, body, args):
+    """body(*args, vi) for vi in [0, n): serial on CPU; on GPU blocks of ``threads`` threads, one vi each."""
+    if gpu:
+        for bx in T.thread_binding((n + threads - 1) // threads, "blockIdx.x"):
+            for tx in T.thread_binding(threads, "threadIdx.x"):
+                with T.sblock("each"):
+                    vi = T.axis.spatial(n, bx * threads + tx)
+                    T.where(bx * threads + tx < n)
+                    body(*args, vi)
+    else:
+        for i in range(n):
+            with T.sblock("each"):
+                vi = T.axis.spatial(n, i)
+                body(*args, vi)
+
+
 def _logit_bias(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def f(var_logits: T.handle, var_pos2seq_id: T.handle, var_token_ids: T.handle, var_bias: T.handle):
@@ -70,18 +87,7 @@ def _logit_bias(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
         pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
         token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
         bias = T.match_buffer(var_bias, (num_token,), "float32")
-        if gpu:
-            for bx in T.thread_binding((num_token + threads - 1) // threads, "blockIdx.x"):
-                for tx in T.thread_binding(threads, "threadIdx.x"):
-                    with T.sblock("bias"):
-                        vi = T.axis.spatial(num_token, bx * threads + tx)
-                        T.where(bx * threads + tx < num_token)
-                        _bias(logits, pos2seq_id, token_ids, bias, vi)
-        else:
-            for i in range(num_token):
-                with T.sblock("bias"):
-                    vi = T.axis.spatial(num_token, i)
-                    _bias(logits, pos2seq_id, token_ids, bias, vi)
+        _each(num_token, gpu, threads, _bias, (logits, pos2seq_id, token_ids, bias))
     return f
 
 
@@ -97,18 +103,7 @@ def _penalty_func(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
         token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
         token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
         penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")   # presence, frequency, repetition
-        if gpu:
-            for bx in T.thread_binding((num_token + threads - 1) // threads, "blockIdx.x"):
-                for tx in T.thread_binding(threads, "threadIdx.x"):
-                    with T.sblock("penalty"):
-                        vi = T.axis.spatial(num_token, bx * threads + tx)
-                        T.where(bx * threads + tx < num_token)
-                        _penalty(logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties, vi)
-        else:
-            for i in range(num_token):
-                with T.sblock("penalty"):
-                    vi = T.axis.spatial(num_token, i)
-                    _penalty(logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties, vi)
+        _each(num_token, gpu, threads, _penalty, (logits, seq_ids, pos2seq_id, token_ids, token_cnt, penalties))
     return f
 
 
@@ -120,18 +115,7 @@ def _bitmask(gpu: bool, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
         logits = T.match_buffer(var_logits, (batch, vocab), "float32")
         seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
         bitmask = T.match_buffer(var_bitmask, (batch, (vocab + 31) // 32), "int32")
-        if gpu:
-            for bx in T.thread_binding((num_seq * vocab + threads - 1) // threads, "blockIdx.x"):
-                for tx in T.thread_binding(threads, "threadIdx.x"):
-                    with T.sblock("mask"):
-                        vi = T.axis.spatial(num_seq * vocab, bx * threads + tx)
-                        T.where(bx * threads + tx < num_seq * vocab)
-                        _mask(logits, seq_ids, bitmask, vocab, vi)
-        else:
-            for i in range(num_seq * vocab):
-                with T.sblock("mask"):
-                    vi = T.axis.spatial(num_seq * vocab, i)
-                    _mask(logits, seq_ids, bitmask, vocab, vi)
+        _each(num_seq * vocab, gpu, threads, _mask, (logits, seq_ids, bitmask, vocab))
     return f
 
 
