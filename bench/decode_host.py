@@ -117,7 +117,8 @@ def run_mcpm(cfg, qm, prompt, new, threads, tmp: Path):
     cpu = tvm.get_global_func("target.llvm_get_system_cpu")()
     target = pipeline.make_target("cpu", {**pipeline.HOST_TARGET, "mcpu": cpu})
     t0 = time.perf_counter()
-    mod, specs = pipeline.export_ir(cfg, "q4f16", target)
+    mod, specs = pipeline.export_ir(cfg, "q4f16", target, context_window=len(prompt) + new + 16,
+                                    prefill_chunk=len(prompt))
     ex = pipeline.compile_ir(mod, target)
     pipeline.save_so(ex, tmp / "model.so", "x86_64")
     log(f"mcpm: compiled in {time.perf_counter() - t0:.0f} s")
