@@ -198,6 +198,18 @@ def test_mlc_chat_config_follows_mlcs_schema(bundle):
     assert entry == keys["mlc"]["package_entry"] and entry["model_lib"] == conf["model_lib"]
     assert entry["model_id"] == "tiny" and entry["bundle_weight"] is True
     assert pkg["model_lib_path_for_prepare_libs"] == {"mcpm_tiny_opencl": "lib/opencl/model.tar"}
+    # the same turn through MLC's path (tokenizer.json without special tokens + system_prefix_token_ids) and
+    # through the HF chat_template gives the ids the PyTorch reference gets (SentencePiece + BOS)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    for turn in PROMPTS:
+        want = Tokenizer(path / "tokenizer.model").encode(get_chat_template("plain").format_turns([("user", turn)]))
+        text = ImmutableSandboxedEnvironment().from_string(tc["chat_template"]).render(
+            messages=[{"role": "user", "content": turn}], add_generation_prompt=True)
+        assert conv["system_prefix_token_ids"] + hf.encode(text, add_special_tokens=False).ids == want
+        assert hf.encode(text).ids == want
     params = sum((path / s).stat().st_size for s in
                  [r["dataPath"] for r in json.loads((path / "tensor-cache.json").read_text())["records"]])
     assert params < entry["estimated_vram_bytes"] < params + 64 << 20
