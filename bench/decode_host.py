@@ -7,7 +7,7 @@ Engines (all greedy, same prompt ids, same random-weight checkpoint from bench/m
   mcpm         this project's host build: targets/tvm/pipeline.py (paged KV cache) with the fused int4
                kernels of targets/tvm/kernels.py, q4f16 everywhere (tied head int4 too), mcpu = this CPU
   llama.cpp    llama-cpp-python, built from the PyPI sdist on first use (CPU, GGML_NATIVE) into
-               ~/.cache/mcpm-export/llama_cpp; GGUF via the sdist's convert_hf_to_gguf.py (bf16), then
+               $MCPM_EXPORT_CACHE/llama_cpp; GGUF via the sdist's convert_hf_to_gguf.py (bf16), then
                pure Q4_0 (token embedding/output also Q4_0: same bits per weight as q4f16)
   onnxruntime  bench/ort_minicpm.py: MatMulNBits int4 (accuracy_level 4), same q4f16 weights
   torch        exporter/model.py eager, fp32 weights (the q4f16 weights dequantized)
@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from exporter.cache import cache_root  # noqa: E402
+
 ENGINES = ("mcpm", "llama.cpp", "onnxruntime", "torch")
-CACHE = Path.home() / ".cache" / "mcpm-export"
+CACHE = cache_root()
 LLAMA = CACHE / "llama_cpp"
 LLAMA_VERSION = "0.3.36"
 # The 2 cores are shared with other jobs: thread pools that busy-wait at barriers collapse when a

@@ -1,6 +1,6 @@
 """Write a MiniCPM-2B-shaped Hugging Face checkpoint with random bf16 weights (for speed benchmarks).
 
-    python3.11 bench/make_2b_checkpoint.py [OUT_DIR]     (default ~/.cache/mcpm-export/bench/minicpm-2b-random)
+    python3.11 bench/make_2b_checkpoint.py [OUT_DIR]     (default $MCPM_EXPORT_CACHE/bench/minicpm-2b-random)
 
 Shapes of openbmb/MiniCPM-2B (hidden 2304, 40 layers, 36 heads, inter 5760, vocab 122753, tied), HF
 names and layout (sharded safetensors + index), the SentencePiece tokenizer of models/tinycpm-docs
@@ -17,8 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "models" / "tinycpm-docs"
-DEFAULT_OUT = Path.home() / ".cache" / "mcpm-export" / "bench" / "minicpm-2b-random"
+sys.path.insert(0, str(ROOT))
+
+from exporter.cache import cache_dir  # noqa: E402
+from exporter.recipes import EMBEDDED_DIR  # noqa: E402
+
+TINY = EMBEDDED_DIR / "tinycpm-docs"
+DEFAULT_OUT = cache_dir("bench") / "minicpm-2b-random"
 SHARD_BYTES = 2 << 30
 
 CONFIG_2B = {

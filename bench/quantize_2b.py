@@ -2,8 +2,9 @@
 
     python bench/quantize_2b.py [--checkpoint DIR] [--json]
 
-Runs the same streaming path `mcpm-export android --model sft-int4` uses (calibration, activation-aware
-int4 clipping search, 8-bit embedding, quality gate) on random bf16 weights of the real 2B shapes.
+Runs the same streaming path `mcpm-export android --model sft-int4` uses (calibration, the recipe's
+quantizer (`--quantizer` to override), 8-bit embedding, quality gate) on random bf16 weights of the
+real 2B shapes.
 Peak RSS is the process's ru_maxrss; the checkpoint is written first (bench/make_2b_checkpoint.py).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--recipe", default="sft-int4")
+    ap.add_argument("--quantizer", default=None, help="default: the recipe's (exporter/quantizers.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     make_checkpoint(args.checkpoint)
@@ -37,10 +39,10 @@ def main() -> None:
     ckpt, config, tok = api.open_model(rec, args.checkpoint)
     plan = ckpt.text_plan(config)
     qm, report = api.quantize_source(rec, config, tok, ckpt.getter(plan), list(plan), progress=progress,
-                                     allow_quality_loss=True)
+                                     allow_quality_loss=True, quantizer=args.quantizer)
     seconds = time.perf_counter() - t0
     params = sum(int(v.shape[0]) * int(v.shape[1]) if hasattr(v, "bits") else int(v.size) for v in qm.tensors.values())
-    res = {"recipe": rec.name, "scheme": qm.scheme.name, "params": params, "seconds": round(seconds, 1),
+    res = {"recipe": rec.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "params": params, "seconds": round(seconds, 1),
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "quantized_gb": round(qm.nbytes / 1e9, 3), "bytes_per_param": round(qm.nbytes / params, 3),
            "quality": report.to_dict() if report else None, "threads": os.cpu_count(),

@@ -13,7 +13,8 @@ from .errors import ExportError
 from .model import MiniCPM
 from .progress import Progress
 from .quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
-from .quant import SCHEMES, QuantizedModel
+from .quant import GROUP, SCHEMES, QuantizedModel
+from .quantizers import QUANTIZERS
 from .recipes import Recipe, get_recipe
 from .streaming import quantize_streaming
 from .tokenizer import Tokenizer
@@ -51,14 +52,18 @@ def load(recipe: str | Recipe, checkpoint: str | Path | None = None, prefix: str
 
 def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer, get, names: list[str],
                     scheme: str | None = None, progress: Progress | None = None,
-                    allow_quality_loss: bool = False) -> tuple[QuantizedModel, QualityReport | None]:
-    """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate."""
+                    allow_quality_loss: bool = False,
+                    quantizer: str | None = None) -> tuple[QuantizedModel, QualityReport | None]:
+    """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate.
+    ``scheme`` / ``quantizer`` default to the recipe's."""
     progress = progress or Progress(quiet=True)
     sch = SCHEMES[scheme or recipe.quantization]
+    method = QUANTIZERS[quantizer or recipe.quantizer]
     calib = tokenizer.encode(CALIBRATION_TEXT.read_text())
     gate_windows = recipe.gate_windows if sch.linear_bits is not None else 0
-    with progress.stage(f"calibrate + quantize ({sch.name})"):
-        qm, q = quantize_streaming(config, get, names, sch, calib, recipe.calibration_windows, gate_windows)
+    with progress.stage(f"calibrate + quantize ({sch.name}, {method.name})"):
+        qm, q = quantize_streaming(config, get, names, sch, method, calib, recipe.calibration_windows,
+                                   gate_windows)
         progress.log(f"{sch.name}: {qm.nbytes / 1e6:.1f} MB of weights")
     if q is None:
         return qm, None
@@ -72,10 +77,11 @@ def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer,
 
 
 def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | None = None,
-             allow_quality_loss: bool = False) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
+             allow_quality_loss: bool = False,
+             quantizer: str | None = None) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
     """Quantize an in-memory model: (quantized weights, int4 reference model, gate report)."""
     qm, report = quantize_source(lm.recipe, lm.config, lm.tokenizer, lm.state.__getitem__, list(lm.state),
-                                 scheme, progress, allow_quality_loss)
+                                 scheme, progress, allow_quality_loss, quantizer)
     return qm, MiniCPM.from_state_dict(lm.config, qm.dequantized()), report
 
 
@@ -94,19 +100,20 @@ def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None
 
 
 def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None = 40,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, scheme: str | None = None,
+             quantizer: str | None = None) -> dict:
     lm = load(recipe, checkpoint)
     text = Path(text_file)
     if not text.is_file():
         raise ExportError(f"--text {text}: no such file")
     ids = lm.tokenizer.encode(text.read_text())
     progress = progress or Progress(quiet=True)
-    qm, qref, _ = quantize(lm, progress=progress, allow_quality_loss=True)
+    qm, qref, _ = quantize(lm, scheme, progress=progress, allow_quality_loss=True, quantizer=quantizer)
     with progress.stage("perplexity"):
         ppl_fp = perplexity(lm.model, ids, count=windows)
         ppl_q = perplexity(qref, ids, count=windows)
     n = min(len(ids) // 512, windows or 10**9)
-    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "text": str(text), "tokens": n * 512,
+    return {"recipe": lm.recipe.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "text": str(text), "tokens": n * 512,
             "windows": n, "ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
             "loss_pct": round(100 * (ppl_q / ppl_fp - 1), 3)}
 
@@ -150,7 +157,7 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
             "model": {"repo_id": rec.repo_id, "family": rec.family, "config": config.to_dict(),
                       "context_window": rec.context_window, "prefill_chunk": rec.prefill_chunk},
             "quantization": {"scheme": qm.scheme.name, "description": qm.scheme.description,
-                             "group_size": 32},
+                             "group_size": GROUP, "quantizer": qm.quantizer},
             "quality": ctx.quality,
             "source": {"checkpoint_fingerprint": ckpt.fingerprint(), "repo_id": rec.repo_id},
             "versions": tool_versions(), **extra,

@@ -13,7 +13,7 @@ from . import __version__, api
 from .checkpoint import resolve_checkpoint
 from .errors import ExportError
 from .progress import Progress, console, stdout
-from .recipes import KNOWN_TARGETS, get_recipe, load_recipes
+from .recipes import KNOWN_QUANTIZERS, KNOWN_SCHEMES, KNOWN_TARGETS, get_recipe, load_recipes
 from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
@@ -86,18 +86,22 @@ def generate(recipe, checkpoint, prompt, max_new_tokens, quant, as_json):
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--text", "text_file", type=click.Path(), required=True)
 @click.option("--windows", default=40, show_default=True, help="How many 512-token windows.")
+@click.option("--scheme", type=click.Choice(sorted(KNOWN_SCHEMES)), default=None,
+              help="Quantization scheme (default: the recipe's).")
+@click.option("--quantizer", type=click.Choice(sorted(KNOWN_QUANTIZERS)), default=None,
+              help="How int4 values are chosen (default: the recipe's).")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def eval_cmd(recipe, checkpoint, text_file, windows, as_json):
+def eval_cmd(recipe, checkpoint, text_file, windows, scheme, quantizer, as_json):
     """Perplexity of the fp model and of the quantized model on a text."""
-    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json))
+    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json), scheme, quantizer)
     if as_json:
         click.echo(json.dumps(res))
         return
     table = Table(title=f"perplexity on {res['text']} ({res['tokens']} tokens)")
-    for col in ("recipe", "scheme", "ppl fp", "ppl quantized", "loss"):
+    for col in ("recipe", "scheme", "quantizer", "ppl fp", "ppl quantized", "loss"):
         table.add_column(col)
-    table.add_row(res["recipe"], res["scheme"], f"{res['ppl_fp']:.3f}", f"{res['ppl_int4']:.3f}",
+    table.add_row(res["recipe"], res["scheme"], res["quantizer"], f"{res['ppl_fp']:.3f}", f"{res['ppl_int4']:.3f}",
                   f"{res['loss_pct']:+.2f}%")
     stdout.print(table)
 

@@ -11,10 +11,11 @@ import sysconfig
 from functools import cache
 from pathlib import Path
 
+from .cache import cache_dir
 from .errors import ExportError
 
 CSRC = Path(__file__).parent / "csrc"
-CACHE = Path(os.environ.get("MCPM_CACHE", Path.home() / ".cache" / "mcpm-export")) / "native"
+CACHE = cache_dir("native")
 
 
 @cache

@@ -4,9 +4,9 @@ Layout q4f16 (MLC-LLM's q4f16_1, see docs/DESIGN.md): per output row, groups of 
 scale per group, 4-bit codes q in 0..15 packed 8 per uint32 (element k in word k//8, bits 4*(k%8)),
 w = (q - 7) * scale. Scheme q4f16_e8 keeps the embedding (and tied head) at 8 bits per group of 32.
 
-Scales are not plain round-to-nearest absmax: each group's scale is searched over a grid of clipping
-ratios to minimise the error weighted by the layer's input second moments (E[x^2] per input channel,
-gathered from calibration text), an activation-aware clipping search.
+This module owns the layouts end to end: the constants (group size, bits, zero point, packing order),
+pack / unpack, and the dequantize expression every engine uses (NumPy here, TVM TE in targets/tvm).
+How the values are chosen (clipping search, GPTQ) is exporter/quantizers.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ import torch
 
 from . import native
 
-GROUP = 32
+GROUP = 32           # inputs per fp16 scale (both int4 and int8)
+Q4_BITS = 4
+Q4_PER_WORD = 8      # codes per uint32 word; element k in word k // 8 at bits 4 * (k % 8)
+Q4_MASK = 0xF
 Q4_ZERO = 7          # w = (q - 7) * scale, q in 0..15
 Q4_MIN, Q4_MAX = -7, 8
 Q8_MAX = 127
@@ -29,11 +32,39 @@ SEARCH_THREADS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
+class Grid:
+    """Integer values a group's weights round to: w ~= value * scale, value in [qmin, qmax].
+    Scales are searched from absmax * ratio / -qmin."""
+    qmin: int
+    qmax: int
+
+
+GRIDS = {4: Grid(Q4_MIN, Q4_MAX), 8: Grid(-Q8_MAX, Q8_MAX)}
+
+
+def dequant_q4_expr(word, k, scale, u32, f32):
+    """Element k of a q4f16 row: ``word`` is that row's packed word k // Q4_PER_WORD, ``scale`` its
+    group k // GROUP. u32 / f32 cast to uint32 / float32: NumPy (np.uint32, np.float32) or TVM TE
+    (tirx.Cast), so the NumPy unpack and every TVM kernel evaluate the same expression."""
+    code = (word >> (u32(k % Q4_PER_WORD) * u32(Q4_BITS))) & u32(Q4_MASK)
+    return (f32(code) - f32(Q4_ZERO)) * f32(scale)
+
+
+def dequant_q8_expr(value, scale, f32):
+    """An int8 element times its group's fp16 scale (scheme q4f16_e8's embedding)."""
+    return f32(value) * f32(scale)
+
+
+@dataclass(frozen=True)
 class Scheme:
     name: str
     linear_bits: int | None      # None: keep fp16
     embedding_bits: int | None
     description: str
+
+    def bits_for(self, name: str) -> int | None:
+        """Bits of canonical tensor ``name`` under this scheme (None: stored float16)."""
+        return self.linear_bits if is_linear(name) else self.embedding_bits if is_embedding(name) else None
 
 
 SCHEMES = {
@@ -77,22 +108,33 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
 
 
 def unpack_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Dequantize q4f16 to float32 [out, in]."""
-    q = unpack_codes(packed).astype(np.float32) - Q4_ZERO
-    out, n = q.shape
-    return (q.reshape(out, n // GROUP, GROUP) * scale.astype(np.float32)[:, :, None]).reshape(out, n)
+    """Dequantize q4f16 to float32 [out, in] (dequant_q4_expr over every element)."""
+    k = np.arange(packed.shape[1] * Q4_PER_WORD)
+    return dequant_q4_expr(packed[:, k // Q4_PER_WORD], k.astype(np.uint32), scale[:, k // GROUP],
+                           np.uint32, np.float32)
 
 
 def unpack_int8(q8: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    out, n = q8.shape
-    return (q8.astype(np.float32).reshape(out, n // GROUP, GROUP)
-            * scale.astype(np.float32)[:, :, None]).reshape(out, n)
+    k = np.arange(q8.shape[1])
+    return dequant_q8_expr(q8, scale[:, k // GROUP], np.float32)
 
 
-def _search_scales_reference(w: torch.Tensor, importance: torch.Tensor | None, bits: int) -> torch.Tensor:
+def encode(values: torch.Tensor, bits: int) -> np.ndarray:
+    """Grid values [out, in] (integers in GRIDS[bits]) -> stored data: int4 packed codes
+    (value + Q4_ZERO, uint32 [out, in/8]) or int8 [out, in]."""
+    if bits == 4:
+        return pack_codes((values + Q4_ZERO).to(torch.uint8).numpy())
+    return values.to(torch.int8).numpy()
+
+
+def _grid(grid: "int | Grid") -> Grid:
+    return GRIDS[grid] if isinstance(grid, int) else grid
+
+
+def _search_scales_reference(w: torch.Tensor, importance: torch.Tensor | None, grid: "int | Grid") -> torch.Tensor:
     """Per-group scale minimising importance-weighted squared error over CLIP_GRID. w: [R, G, 32].
     The obvious version of csrc/qsearch.c (which the quantizer runs: ~40x faster)."""
-    qmin, qmax = (Q4_MIN, Q4_MAX) if bits == 4 else (-Q8_MAX, Q8_MAX)
+    qmin, qmax = _grid(grid).qmin, _grid(grid).qmax
     absmax = w.abs().amax(-1).clamp_min(1e-8)
     imp = torch.ones(w.shape[1:], dtype=w.dtype) if importance is None else importance
     best_err = torch.full(absmax.shape, float("inf"))
@@ -107,10 +149,10 @@ def _search_scales_reference(w: torch.Tensor, importance: torch.Tensor | None, b
     return best
 
 
-def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, bits: int) -> torch.Tensor:
+def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, grid: "int | Grid") -> torch.Tensor:
     """csrc/qsearch.c over row blocks on two threads (ctypes releases the GIL)."""
     lib = native.load("qsearch")
-    qmin, qmax = (Q4_MIN, Q4_MAX) if bits == 4 else (-Q8_MAX, Q8_MAX)
+    qmin, qmax = _grid(grid).qmin, _grid(grid).qmax
     rows, groups, _ = w.shape
     w = np.ascontiguousarray(w.numpy(), dtype=np.float32)
     imp = np.ones((groups, GROUP), np.float32) if importance is None else \
@@ -143,16 +185,12 @@ def quantize_weight(w: torch.Tensor, bits: int, importance: torch.Tensor | None 
     packs, scales = [], []
     for r0 in range(0, out, rows_per_chunk):
         wc = w[r0:r0 + rows_per_chunk].float().reshape(-1, n // GROUP, GROUP)
+        g = GRIDS[bits]
         if search:
-            s = _search_scales(wc, imp, bits)
+            s = _search_scales(wc, imp, g)
         else:
-            s = (wc.abs().amax(-1) / (7 if bits == 4 else Q8_MAX)).half().float().clamp_min(1e-8)
-        if bits == 4:
-            q = (wc / s[..., None]).round().clamp(Q4_MIN, Q4_MAX) + Q4_ZERO
-            packs.append(pack_codes(q.reshape(-1, n).to(torch.uint8).numpy()))
-        else:
-            q = (wc / s[..., None]).round().clamp(-Q8_MAX, Q8_MAX)
-            packs.append(q.reshape(-1, n).to(torch.int8).numpy())
+            s = (wc.abs().amax(-1) / -g.qmin).half().float().clamp_min(1e-8)
+        packs.append(encode((wc / s[..., None]).round().clamp(g.qmin, g.qmax).reshape(-1, n), bits))
         scales.append(s.half().numpy())
     return np.concatenate(packs), np.concatenate(scales)
 
@@ -167,7 +205,7 @@ class QTensor:
     @property
     def shape(self) -> tuple[int, int]:
         out = self.data.shape[0]
-        return (out, self.data.shape[1] * (8 if self.bits == 4 else 1))
+        return (out, self.data.shape[1] * (Q4_PER_WORD if self.bits == 4 else 1))
 
     def dequantize(self) -> np.ndarray:
         return unpack_int4(self.data, self.scale) if self.bits == 4 else unpack_int8(self.data, self.scale)
@@ -182,6 +220,7 @@ class QuantizedModel:
     """Canonical-name tensors: QTensor for quantized weights, fp16 numpy arrays for the rest."""
     scheme: Scheme
     tensors: dict[str, "QTensor | np.ndarray"] = field(default_factory=dict)
+    quantizer: str = "rtn"       # which exporter/quantizers.py method chose the values
 
     def dequantized(self) -> dict[str, torch.Tensor]:
         """The float32 state dict the reference model runs for 'PyTorch int4'."""
@@ -209,9 +248,9 @@ def quantize_state_dict(state: dict[str, torch.Tensor], scheme: str | Scheme,
     importance maps a canonical weight name to E[x^2] of its input channels (from calibration).
     on_tensor(name) is called after each tensor (progress)."""
     scheme = SCHEMES[scheme] if isinstance(scheme, str) else scheme
-    qm = QuantizedModel(scheme)
+    qm = QuantizedModel(scheme, quantizer="clip" if search else "rtn")
     for name, w in state.items():
-        bits = scheme.linear_bits if is_linear(name) else scheme.embedding_bits if is_embedding(name) else None
+        bits = scheme.bits_for(name)
         if bits is None:
             qm.tensors[name] = w.to(torch.float16).numpy()
         else:

@@ -1,17 +1,21 @@
 """Recipes: the named model variants users ask for with ``--model`` (one TOML file each in recipes/)."""
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ExportError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPE_DIR = PROJECT_ROOT / "recipes"
+# Both are package data (an installed wheel has them): the top-level package ``recipes`` and the
+# checkpoints under exporter/models/.
+RECIPE_DIR = Path(importlib.util.find_spec("recipes").origin).parent
+EMBEDDED_DIR = Path(__file__).resolve().parent / "models"
 
 KNOWN_TARGETS = ("android", "harmony", "ios")
 KNOWN_SCHEMES = ("q4f16", "q4f16_e8", "fp16")
+KNOWN_QUANTIZERS = ("gptq", "clip")     # exporter/quantizers.py QUANTIZERS (tests/test_quantizers.py)
 KNOWN_FAMILIES = ("minicpm", "minicpmv")
 
 
@@ -28,9 +32,10 @@ class Recipe:
     prefill_chunk: int
     targets: tuple[str, ...]
     max_ppl_loss_pct: float = 1.0   # quality gate for int4 exports
+    quantizer: str = "gptq"          # how int4 values are chosen: exporter.quantizers.QUANTIZERS
     calibration_windows: int = 16    # 512-token windows of calibration text for activation statistics
     gate_windows: int = 6            # further windows measuring the quality gate
-    embedded: str | None = None      # project-relative path of a shipped checkpoint
+    embedded: str | None = None      # a checkpoint shipped in EMBEDDED_DIR (exporter/models/)
     conv_template: str = "minicpm"
     vision: dict = field(default_factory=dict)
     source: Path | None = None
@@ -41,7 +46,7 @@ class Recipe:
 
     @property
     def embedded_path(self) -> Path | None:
-        return PROJECT_ROOT / self.embedded if self.embedded else None
+        return EMBEDDED_DIR / self.embedded if self.embedded else None
 
     def require_target(self, target: str) -> None:
         if target not in self.targets:
@@ -55,7 +60,7 @@ _REQUIRED = {
     "description": str, "repo_id": str, "family": str, "architecture": str, "dims": dict,
     "quantization": str, "context_window": int, "prefill_chunk": int, "targets": list,
 }
-_OPTIONAL = {"max_ppl_loss_pct": (int, float), "calibration_windows": int, "gate_windows": int,
+_OPTIONAL = {"max_ppl_loss_pct": (int, float), "quantizer": str, "calibration_windows": int, "gate_windows": int,
              "embedded": str, "conv_template": str, "vision": dict}
 
 
@@ -78,6 +83,9 @@ def parse_recipe(path: Path) -> Recipe:
     if raw["quantization"] not in KNOWN_SCHEMES:
         raise ExportError(f"{path}: field 'quantization': unknown scheme '{raw['quantization']}' "
                           f"(known: {', '.join(KNOWN_SCHEMES)})")
+    if raw.get("quantizer", "gptq") not in KNOWN_QUANTIZERS:
+        raise ExportError(f"{path}: field 'quantizer': unknown quantizer '{raw['quantizer']}' "
+                          f"(known: {', '.join(KNOWN_QUANTIZERS)})")
     if raw["family"] not in KNOWN_FAMILIES:
         raise ExportError(f"{path}: field 'family': unknown family '{raw['family']}'")
     for t in raw["targets"]:

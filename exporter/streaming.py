@@ -3,9 +3,11 @@
 A 2B checkpoint in fp32 is 11 GB; this never holds more than the embedding, one decoder layer in
 fp32 and the (small) quantized result. Pass 1 runs the calibration windows through the fp layers one
 at a time, recording E[x^2] of every linear's input (activation-aware clipping) and quantizing each
-layer as soon as its statistics are known; the LM head's statistics come last, so the embedding is
-quantized at the end. Pass 2 runs the gate windows through the dequantized layers, and the two
-perplexities are compared.
+layer as soon as its statistics are known (with the recipe's quantizer, exporter/quantizers.py: X^T X
+per linear input for GPTQ, E[x^2] for the clipping search); the LM head's statistics come last, so
+the embedding is quantized at the end. With a sequential quantizer (GPTQ) the calibration activations
+passed on to the next layer are this layer's quantized output (one more layer forward). Pass 2 runs
+the gate windows through the dequantized layers, and the two perplexities are compared.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from .config import MiniCPMConfig
 from .errors import ExportError
 from .model import Block, RMSNorm, rope_tables
 from .quality import WINDOW, windows
-from .quant import QTensor, QuantizedModel, Scheme, quantize_weight, is_embedding, is_linear
+from .quant import QTensor, QuantizedModel, Scheme
+from .quantizers import InputRecorder, InputStats, Quantizer
 
 TensorGetter = Callable[[str], torch.Tensor]   # canonical name -> float32 tensor
 
@@ -44,10 +47,10 @@ def _nll(cfg: MiniCPMConfig, norm: RMSNorm, head: torch.Tensor, h: torch.Tensor,
 
 @torch.no_grad()
 def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], scheme: Scheme,
-                       calib_ids: list[int], importance_windows: int, gate_windows: int,
+                       quantizer: Quantizer, calib_ids: list[int], importance_windows: int, gate_windows: int,
                        on_step: Callable[[str], None] = lambda s: None) -> tuple[QuantizedModel, dict | None]:
     """Quantize every tensor in ``names``; returns (model, {"ppl_fp", "ppl_int4", "tokens"} or None)."""
-    qm = QuantizedModel(scheme)
+    qm = QuantizedModel(scheme, quantizer=quantizer.name)
     imp_ids = torch.tensor(windows(calib_ids, WINDOW, importance_windows))
     gate_ids = torch.tensor(windows(calib_ids[len(imp_ids) * WINDOW:], WINDOW, gate_windows))
     if len(imp_ids) == 0:
@@ -56,39 +59,37 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
     cos, sin = rope_tables(cfg, torch.arange(WINDOW))
     h_imp = emb[imp_ids] * cfg.scale_emb
     h_gate = emb[gate_ids] * cfg.scale_emb if len(gate_ids) else None
-    sums: dict[str, torch.Tensor] = {}
+    stats: dict[str, InputStats] = {}
 
     def keep(name, t):
-        bits = scheme.linear_bits if is_linear(name) else scheme.embedding_bits if is_embedding(name) else None
+        bits = scheme.bits_for(name)
         if bits is None:
             qm.tensors[name] = t.to(torch.float16).numpy()
         else:
-            imp = sums.get(name)
-            qm.tensors[name] = QTensor(bits, *quantize_weight(t, bits, None if imp is None else imp / h_imp[..., 0].numel()))
+            qm.tensors[name] = quantizer.run(t, bits, stats.pop(name, None))
 
     for i in range(cfg.num_hidden_layers):
         block = _layer(cfg, get, i)
-        hooks = []
-        for lname, mod in block.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                key = f"layers.{i}.{lname}.weight"
-                hooks.append(mod.register_forward_pre_hook(
-                    lambda _m, a, key=key: sums.__setitem__(key, sums.get(key, 0) + a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0))))
-        h_imp = _forward_layer(block, h_imp, cos, sin)
-        for hk in hooks:
-            hk.remove()
+        with InputRecorder(block, quantizer.full_covariance, f"layers.{i}.") as rec:
+            h_next = _forward_layer(block, h_imp, cos, sin)
+        stats.update(rec.stats)
         if h_gate is not None:
             h_gate = _forward_layer(block, h_gate, cos, sin)
         for k, v in block.state_dict().items():
             keep(f"layers.{i}.{k}", v)
+        if quantizer.sequential:   # the next layer's statistics see this layer's quantized output
+            deq = _layer(cfg, lambda n: torch.from_numpy(_deq(qm.tensors[n])), i)
+            h_next = _forward_layer(deq, h_imp, cos, sin)
+            del deq
+        h_imp = h_next
         on_step(f"layer {i}")
-        del block
+        del block, rec
 
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight.copy_(get("norm.weight"))
     head_name = "tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight"
     head = emb if cfg.tie_word_embeddings else get("output.weight")
-    sums[head_name] = (norm(h_imp) / cfg.logit_scale).reshape(-1, cfg.hidden_size).pow(2).sum(0)
+    stats[head_name] = InputStats.of(norm(h_imp) / cfg.logit_scale, quantizer.full_covariance)
     quality = None
     if h_gate is not None:
         nll_fp, n = _nll(cfg, norm, head, h_gate, gate_ids)

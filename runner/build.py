@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from exporter.bundle import sha256_file
+from exporter.cache import cache_dir
 from exporter.errors import ExportError
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +49,7 @@ CFLAGS = ["-O2", "-g0", "-s", "-static", "-fno-ident", "-Wl,--build-id=sha1"]
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("MCPM_EXPORT_CACHE") or os.path.join(Path.home(), ".cache", "mcpm-export")
-    return Path(base) / "runner"
+    return cache_dir("runner")
 
 
 def _tool(name: str) -> str:

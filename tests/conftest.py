@@ -9,7 +9,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "models" / "tinycpm-docs"
+from exporter.recipes import EMBEDDED_DIR  # noqa: E402
+
+TINY_DIR = EMBEDDED_DIR / "tinycpm-docs"
 
 
 @pytest.fixture(scope="session")

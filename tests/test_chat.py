@@ -9,10 +9,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from exporter.chat import get_chat_template
 from exporter.errors import ExportError
+from exporter.recipes import EMBEDDED_DIR
 from exporter.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TOKENIZER = ROOT / "models" / "tinycpm-docs" / "tokenizer.model"
+TINY_TOKENIZER = EMBEDDED_DIR / "tinycpm-docs" / "tokenizer.model"
 EVAL_TEXT = ROOT.parent / "shared" / "eval" / "python-tutorial.txt"
 
 # OpenBMB's chat_template of MiniCPM-2B-sft-bf16 / dpo-bf16 (tokenizer_config.json), as published

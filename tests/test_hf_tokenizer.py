@@ -8,10 +8,11 @@ from tokenizers import Tokenizer as HFTokenizer, normalizers
 
 from exporter.errors import ExportError
 from exporter.hf_tokenizer import build_hf_tokenizer, check_against_sentencepiece, write_hf_tokenizer
+from exporter.recipes import EMBEDDED_DIR
 from exporter.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "tinycpm-docs" / "tokenizer.model"
+MODEL = EMBEDDED_DIR / "tinycpm-docs" / "tokenizer.model"
 EVAL_TEXT = ROOT.parent / "shared" / "eval" / "python-tutorial.txt"
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

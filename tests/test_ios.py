@@ -75,7 +75,7 @@ def test_mil_interpreter_runs_a_converted_stateful_program(tmp_path):
     """Convert a two-layer stateful toy with coremltools, save, load back, execute with the interpreter:
     outputs and the state written in place match PyTorch (float16 activations: 2e-2)."""
     import coremltools as ct
-    from targets.coreml.convert import quiet
+    from targets.coreml.patches import patched
     from targets.coreml.mil_interp import Interpreter
 
     class Toy(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_mil_interpreter_runs_a_converted_stateful_program(tmp_path):
             return torch.softmax(h @ self.cache[0].T, -1) @ self.cache[0]
 
     toy = Toy().eval()
-    with torch.no_grad(), quiet():
+    with torch.no_grad(), patched():
         prog = torch.export.export(toy, (torch.zeros(1, 2, dtype=torch.int32), i32(0))).run_decompositions({})
         ml = ct.convert(prog, inputs=[ct.TensorType(name="ids", shape=(1, 2), dtype=np.int32),
                                       ct.TensorType(name="start", shape=(1,), dtype=np.int32)],
@@ -200,12 +200,12 @@ def test_corrupt_checkpoint(tiny_copy, tmp_path):
 
 
 def test_lean_coremltools_checks_match_originals(monkeypatch):
-    """convert.lean_memory swaps coremltools' fp16-overflow check and const_deduplication's allclose
+    """patches.py swaps coremltools' fp16-overflow check and const_deduplication's allclose
     for sliced versions (memory, docs/ios.md): they must answer exactly like the originals."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
 
-    from targets.coreml import convert
+    from targets.coreml import patches as convert
 
     monkeypatch.setattr(convert, "CHUNK", 7)                  # force several slices
     rng = np.random.default_rng(0)

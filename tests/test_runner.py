@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def runner_dir() -> Path:
-    return build.build_runner()  # cached under ~/.cache/mcpm-export/runner (MCPM_EXPORT_CACHE)
+    return build.build_runner()  # cached under $MCPM_EXPORT_CACHE/runner (exporter/cache.py)
 
 
 @pytest.fixture(scope="module")

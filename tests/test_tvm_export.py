@@ -18,13 +18,13 @@ from exporter.errors import ExportError
 from exporter.model import MiniCPM
 from exporter.progress import Progress
 from exporter.quant import quantize_state_dict, unpack_int4, unpack_int8
-from exporter.recipes import get_recipe
+from exporter.recipes import EMBEDDED_DIR, get_recipe
 from exporter.tokenizer import Tokenizer
 from targets.tvm.params import read_tensor_cache
 from targets.tvm.target import VERIFY_PROMPT, VERIFY_TOKENS, BuildRequest, TVMTarget, build_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "models" / "tinycpm-docs"
+TINY = EMBEDDED_DIR / "tinycpm-docs"
 EM_AARCH64 = 183
 
 

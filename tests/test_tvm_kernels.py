@@ -24,6 +24,7 @@ from tvm.relax.frontend import nn
 from tvm.support import cc
 
 from exporter.quant import quantize_weight, unpack_int4, unpack_int8
+from exporter.recipes import EMBEDDED_DIR
 from targets.tvm import kernels
 from targets.tvm.model import Q4, Q8, QWeight
 
@@ -253,7 +254,7 @@ def test_decode_attention_matches_tvm_kernel(tmp_path):
     from targets.tvm.params import tvm_params
     from targets.tvm.runner import TVMModel
 
-    ck = open_checkpoint(Path(__file__).resolve().parent.parent / "models" / "tinycpm-docs")
+    ck = open_checkpoint(EMBEDDED_DIR / "tinycpm-docs")
     cfg = MiniCPMConfig.from_hf(ck.raw_config)
     assert cfg.num_attention_heads != cfg.num_key_value_heads
     target = kernels.host_target()

@@ -15,6 +15,7 @@ from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
 from exporter.quant import quantize_state_dict
+from exporter.recipes import EMBEDDED_DIR
 from exporter.tokenizer import Tokenizer
 from targets.tvm import pipeline
 from targets.tvm.params import read_tensor_cache, tvm_params, write_tensor_cache
@@ -22,7 +23,7 @@ from targets.tvm.runner import TVMModel
 from targets.tvm.target import VERIFY_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "models" / "tinycpm-docs"
+TINY = EMBEDDED_DIR / "tinycpm-docs"
 LOGIT_ATOL = 1e-3
 CONTEXT, CHUNK = 512, 64
 

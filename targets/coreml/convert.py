@@ -8,17 +8,15 @@ constants).
 
 Memory (docs/ios.md, bench/RESULTS.md): the float32 torch weights can be mapped from files
 (spill_weights), two coremltools helpers that make full-size temporaries of every weight are swapped
-for sliced equivalents (lean_memory), and compression reloads the package once for both passes.
+for sliced equivalents (patches.py, which declares every coremltools patch and checks the pinned
+version), and compression reloads the package once for both passes.
 """
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import shutil
 import tempfile
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,89 +25,12 @@ import torch
 from exporter.errors import ExportError
 
 from .palettize import LUT_BITS, LUT_GROUP, lut_function
+from .patches import patched
 from .wrapper import CoreMLMiniCPM
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 import coremltools as ct  # noqa: E402  (after quieting its import-time logging)
 import coremltools.optimize.coreml as cto  # noqa: E402
-
-@contextmanager
-def quiet():
-    """Silence coremltools' tqdm bars and warnings (progress is reported through rich instead)."""
-    import tqdm
-    from coremltools.converters.mil.frontend.torch import ops as torch_ops
-    from coremltools.converters.mil.mil.passes import pass_pipeline
-    from coremltools.optimize.coreml import _quantization_passes
-
-    silent = functools.partial(tqdm.tqdm, disable=True)
-    saved = (torch_ops._tqdm, pass_pipeline.tqdm, _quantization_passes.tqdm)
-    torch_ops._tqdm = pass_pipeline.tqdm = _quantization_passes.tqdm = silent
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_ops._tqdm, pass_pipeline.tqdm, _quantization_passes.tqdm = saved
-
-
-CHUNK = 1 << 22   # elements per slice in the lean checks below
-
-
-def _lean_fp16_overflow(op) -> bool:
-    """FP16ComputePrecision.fp16_overflow without its full-size temporaries.
-
-    coremltools computes ``max(|v|[np.where(|v| < 1e38)]) > 65504`` for every float32 constant an
-    op reads: |v|, a mask, two int64 index arrays and a gathered copy, about 6 float32 copies of the
-    constant at once (6.8 GB for MiniCPM-2B's embedding; the peak of ct.convert). Same answer,
-    computed a slice at a time."""
-    for inputs in op.inputs.values():
-        for var in (inputs if isinstance(inputs, (list, tuple)) else [inputs]):
-            if var.op is None or var.op.op_type != "const" or not var.is_tensor_or_scalar_of(dtype="fp32"):
-                continue
-            flat = np.asarray(var.op.val.val).reshape(-1)
-            for s in range(0, flat.size, CHUNK):
-                a = np.abs(flat[s:s + CHUNK])
-                if np.any((a > 65504) & (a < 1e38)):
-                    return True
-    return False
-
-
-def _lean_allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False) -> bool:
-    """np.allclose a slice at a time (const_deduplication compares whole weights with it: several
-    float64 temporaries of the 283M-value embedding when merging the functions)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or a.size <= CHUNK:
-        return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    return all(np.allclose(fa[s:s + CHUNK], fb[s:s + CHUNK], rtol=rtol, atol=atol, equal_nan=equal_nan)
-               for s in range(0, fa.size, CHUNK))
-
-
-class _LeanNumpy:
-    """numpy for coremltools' const_deduplication module, with the sliced allclose."""
-
-    allclose = staticmethod(_lean_allclose)
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-
-@contextmanager
-def lean_memory():
-    """Swap two memory-hungry coremltools helpers for equivalent sliced ones (see above)."""
-    import importlib
-    quantization = importlib.import_module("coremltools.converters.mil.mil.passes.defs.quantization")
-    const_deduplication = importlib.import_module(
-        "coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
-
-    saved = (quantization.FP16ComputePrecision.__dict__["fp16_overflow"], const_deduplication.np)
-    quantization.FP16ComputePrecision.fp16_overflow = staticmethod(_lean_fp16_overflow)
-    const_deduplication.np = _LeanNumpy()
-    try:
-        yield
-    finally:
-        quantization.FP16ComputePrecision.fp16_overflow, const_deduplication.np = saved
-
 
 MIN_IOS = 18
 BLOCK_SIZE = 32
@@ -152,7 +73,7 @@ def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool,
                                                       dtype=np.float16), name=n)
               for n in STATE_NAMES]
     model.reset()
-    with torch.no_grad(), quiet(), lean_memory():
+    with torch.no_grad(), patched():
         progress("export", "torch.export + run_decompositions")
         program = torch.export.export(model, example).run_decompositions({})
         progress("convert", "ct.convert")
@@ -244,7 +165,7 @@ def compress(mlmodel, embedding: str = "lut6"):
                                PassOption("joint_compression", False)])
     mlmodel._mil_program = None
     gc.collect()
-    with quiet(), lean_memory():
+    with patched():
         return _apply_graph_pass(mlmodel, passes)
 
 
@@ -336,7 +257,7 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str 
         desc.default_function_name = "decode"
         if out.exists():
             shutil.rmtree(out)
-        with quiet(), lean_memory():
+        with patched():
             ct.utils.save_multifunction(desc, str(out))
     model.reset()
     return out

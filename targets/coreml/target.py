@@ -19,7 +19,7 @@ from exporter.errors import ExportError
 from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
 from exporter.tokenizer import Tokenizer
 
-from .prequant import input_covariance, prequantize_state_dict
+from .prequant import QUANTIZER, input_covariance, prequantize_state_dict
 from .convert import (BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
                       spill_weights, weight_file)
 from .verify import check, model_from_state, numerics, package_state_dict, structure
@@ -134,11 +134,12 @@ class IOSTarget:
         embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
         compression = ("none (float16)" if embedding is None else
                        f"linear weights int4 linear_symmetric per_block {BLOCK_SIZE}, values "
-                       f"chosen beforehand by GPTQ rounding with activation-aware clipped scales "
-                       f"(targets/coreml/prequant.py); embedding/head {embedding}")
+                       f"chosen beforehand by the shared GPTQ quantizer on Core ML's grid "
+                       f"(exporter/quantizers.py, targets/coreml/prequant.py); embedding/head {embedding}")
         return {
             "backend": "coreml",
             "quantization": {"scheme": recipe.quantization, "coreml": compression,
+                             "quantizer": QUANTIZER if embedding else "none",
                              "tool": "coremltools.optimize.coreml.linear_quantize_weights",
                              "block_size": BLOCK_SIZE, "embedding_bits": embed["bits"],
                              "embedding": {"kind": embedding or "fp16", **embed}},

@@ -42,12 +42,14 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
 from tvm.script import tirx as T
 
+from exporter.cache import cache_dir
 from exporter.errors import ExportError
+from exporter.quant import GROUP, Q4_PER_WORD
 
 SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"
 ROWS_PER_TASK = 16           # min weight rows per task (q4_matmul.c raises it to TASK_BYTES of weights)
 PARALLEL_SLOTS = 64          # parallel-loop extent: >= the thread count of any CPU we target
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mcpm-export" / "kernels"
+CACHE = cache_dir("kernels")
 
 
 # ---------------------------------------------------------------- compiling the microkernels
@@ -140,7 +142,7 @@ def kernel_prefix(target: tvm.target.Target) -> str:
 
 
 def compile_microkernels(target: tvm.target.Target) -> Path:
-    """The microkernel object for ``target`` (cached by source + flags under ~/.cache/mcpm-export)."""
+    """The microkernel object for ``target`` (cached by source + flags under exporter.cache.cache_root())."""
     clang = shutil.which("clang")
     if clang is None:
         raise ExportError("kernels: 'clang' not found on PATH (needed to compile targets/tvm/microkernels)")
@@ -275,9 +277,9 @@ def _signature(qw, sc, w) -> tuple[str, int, int] | None:
     if None in (sq, ss, sw) or len(sq) != 2 or len(ss) != 2 or len(sw) != 2:
         return None
     n_out, k = sw
-    if str(sc.ty.dtype) != "float16" or str(w.ty.dtype) != "float32" or k % 32 or ss != (n_out, k // 32):
+    if str(sc.ty.dtype) != "float16" or str(w.ty.dtype) != "float32" or k % GROUP or ss != (n_out, k // GROUP):
         return None
-    if str(qw.ty.dtype) == "uint32" and sq == (n_out, k // 8):
+    if str(qw.ty.dtype) == "uint32" and sq == (n_out, k // Q4_PER_WORD):
         return "q4", n_out, k
     if str(qw.ty.dtype) == "int8" and sq == (n_out, k):
         return "q8", n_out, k
@@ -322,7 +324,7 @@ class _Rewriter:
             rows = rows * d
         x2 = relax.op.reshape(x, relax.ShapeExpr([rows, k]))
         i8, i32, f32 = "int8", "int32", "float32"
-        acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // 32)], f32)]
+        acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // GROUP)], f32)]
         if kind == "q4":
             acts.insert(1, relax.TensorType([rows * (k // 8)], i32))
         quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind, self.prefix)),

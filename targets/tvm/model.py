@@ -38,6 +38,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from exporter.config import MiniCPMConfig
+from exporter.quant import GROUP, Q4_PER_WORD, dequant_q4_expr, dequant_q8_expr
 
 DTYPE = "float32"
 
@@ -58,19 +59,30 @@ def weight_kinds(scheme: str | None) -> dict[str, str]:
     raise ValueError(f"unknown quantization scheme '{scheme}'")
 
 
+def u32(v):
+    return tirx.Cast("uint32", v)
+
+
+def f32(v):
+    return tirx.Cast(DTYPE, v)
+
+
+def q4_at(q_weight: te.Tensor, q_scale: te.Tensor, row, k):
+    """Element [row, k] of a q4f16 weight (exporter/quant.py's dequantize expression, in TE)."""
+    return dequant_q4_expr(q_weight[row, k // Q4_PER_WORD], k, q_scale[row, k // GROUP], u32, f32)
+
+
+def q8_at(q_weight: te.Tensor, q_scale: te.Tensor, row, k):
+    return dequant_q8_expr(q_weight[row, k], q_scale[row, k // GROUP], f32)
+
+
 def _dequant_q4(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
     out, words = q_weight.shape
-
-    def f(o, k):
-        nib = (q_weight[o, k // 8] >> (tirx.Cast("uint32", k % 8) * tirx.const(4, "uint32"))) & tirx.const(15, "uint32")
-        return (nib.astype(DTYPE) - tirx.const(7, DTYPE)) * q_scale[o, k // 32].astype(DTYPE)
-
-    return te.compute((out, words * 8), f, name="dequantize")
+    return te.compute((out, words * Q4_PER_WORD), lambda o, k: q4_at(q_weight, q_scale, o, k), name="dequantize")
 
 
 def _dequant_q8(q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
-    return te.compute(q_weight.shape, lambda o, k: q_weight[o, k].astype(DTYPE) * q_scale[o, k // 32].astype(DTYPE),
-                      name="dequantize_q8")
+    return te.compute(q_weight.shape, lambda o, k: q8_at(q_weight, q_scale, o, k), name="dequantize_q8")
 
 
 def _cast(w: te.Tensor) -> te.Tensor:
@@ -83,11 +95,11 @@ class QWeight(nn.Module):
     def __init__(self, out_f: int, in_f: int, kind: str):
         self.kind, self.out_f, self.in_f = kind, out_f, in_f
         if kind == Q4:
-            self.q_weight = nn.Parameter((out_f, in_f // 8), "uint32")
-            self.q_scale = nn.Parameter((out_f, in_f // 32), "float16")
+            self.q_weight = nn.Parameter((out_f, in_f // Q4_PER_WORD), "uint32")
+            self.q_scale = nn.Parameter((out_f, in_f // GROUP), "float16")
         elif kind == Q8:
             self.q_weight = nn.Parameter((out_f, in_f), "int8")
-            self.q_scale = nn.Parameter((out_f, in_f // 32), "float16")
+            self.q_scale = nn.Parameter((out_f, in_f // GROUP), "float16")
         else:
             self.weight = nn.Parameter((out_f, in_f), "float16" if kind == F16 else DTYPE)
 
@@ -107,16 +119,9 @@ class QWeight(nn.Module):
         """Dequantized rows ``ids`` (int32[n]) -> float32[n, in] without dequantizing the whole table."""
         def f(ids_t, *ws):
             n = ids_t.shape[0]
-            if self.kind == Q4:
-                qw, sc = ws
-                return te.compute((n, self.in_f), lambda i, k: (
-                    ((qw[ids_t[i], k // 8] >> (tirx.Cast("uint32", k % 8) * tirx.const(4, "uint32")))
-                     & tirx.const(15, "uint32")).astype(DTYPE) - tirx.const(7, DTYPE))
-                    * sc[ids_t[i], k // 32].astype(DTYPE), name="embed_rows")
-            if self.kind == Q8:
-                qw, sc = ws
-                return te.compute((n, self.in_f), lambda i, k: qw[ids_t[i], k].astype(DTYPE)
-                                  * sc[ids_t[i], k // 32].astype(DTYPE), name="embed_rows")
+            if self.kind in (Q4, Q8):
+                at = q4_at if self.kind == Q4 else q8_at
+                return te.compute((n, self.in_f), lambda i, k: at(*ws, ids_t[i], k), name="embed_rows")
             (w,) = ws
             return te.compute((n, self.in_f), lambda i, k: w[ids_t[i], k].astype(DTYPE), name="embed_rows")
 

@@ -27,10 +27,11 @@ from tvm.support import cc
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
+from exporter.quant import GROUP, Q4_PER_WORD
 from exporter.verify import expected_prefix
 
 from . import mlc
-from .model import MiniCPMTVM
+from .model import MiniCPMTVM, q4_at, q8_at
 from .reproducible import canonical_shape_funcs
 
 TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
@@ -84,19 +85,14 @@ def _dequant_matmul_func(kind: str, n_out: int, k: int) -> tirx.PrimFunc:
     rows = tirx.Var("rows", "int64")
     x = te.placeholder((rows, k), "float32", "x")
     r = te.reduce_axis((0, k), "k")
-    if kind == "q4":
-        qw, sc = te.placeholder((n_out, k // 8), "uint32", "q_weight"), te.placeholder((n_out, k // 32), "float16", "q_scale")
+    if kind in ("q4", "q8"):
+        q4 = kind == "q4"
+        qw = te.placeholder((n_out, k // Q4_PER_WORD if q4 else k), "uint32" if q4 else "int8", "q_weight")
+        sc = te.placeholder((n_out, k // GROUP), "float16", "q_scale")
         ws = [qw, sc]
 
         def w(o, j):
-            nib = (qw[o, j // 8] >> (tirx.Cast("uint32", j % 8) * tirx.const(4, "uint32"))) & tirx.const(15, "uint32")
-            return (nib.astype("float32") - tirx.const(7, "float32")) * sc[o, j // 32].astype("float32")
-    elif kind == "q8":
-        qw, sc = te.placeholder((n_out, k), "int8", "q_weight"), te.placeholder((n_out, k // 32), "float16", "q_scale")
-        ws = [qw, sc]
-
-        def w(o, j):
-            return qw[o, j].astype("float32") * sc[o, j // 32].astype("float32")
+            return (q4_at if q4 else q8_at)(qw, sc, o, j)
     else:
         wt = te.placeholder((n_out, k), "float16", "weight")
         ws = [wt]

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from exporter.recipes import Recipe  # noqa: E402
+from exporter.recipes import EMBEDDED_DIR, Recipe  # noqa: E402
 
-TEXT_MODEL = ROOT / "models" / "tinycpm-docs"
+TEXT_MODEL = EMBEDDED_DIR / "tinycpm-docs"
 IMAGE_PIECES = ["<image>", "</image>", "<slice>", "</slice>", "<ref>", "</ref>", "<box>", "</box>"]
 VISION = dict(width=64, depth=2, heads=4, mlp=240, patch=14, pos_grid=27)
 
