@@ -10,14 +10,14 @@ import torch
 from .checkpoint import Checkpoint, open_checkpoint, resolve_checkpoint
 from .config import MiniCPMConfig
 from .errors import ExportError
-from .model import MiniCPM
+from .model import MiniCPM, check_generation
 from .progress import Progress
-from .quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
+from .quality import CALIBRATION_TEXT, WINDOW, QualityReport, gate, implausible, perplexity
 from .quant import GROUP, SCHEMES, QuantizedModel
 from .quantizers import QUANTIZERS
 from .recipes import Recipe, get_recipe
 from .streaming import quantize_streaming
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_text_file
 
 
 @dataclass
@@ -72,6 +72,9 @@ def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer,
                            text=f"{CALIBRATION_TEXT.name} (windows {recipe.calibration_windows}+)")
     progress.log(f"quality gate: perplexity fp {report.ppl_fp:.3f} -> {sch.name} {report.ppl_int4:.3f} "
                  f"({report.loss_pct:+.2f}%, limit {report.threshold_pct}%)")
+    warning = implausible(report)
+    if warning:
+        progress.log(warning)
     gate(report, allow_quality_loss)
     return qm, report
 
@@ -87,11 +90,13 @@ def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | No
 
 def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None,
              quant: str | None = None) -> dict:
+    check_generation(max_new_tokens)
     lm = load(recipe, checkpoint)
+    ids = lm.tokenizer.encode(prompt, what="--prompt")
+    check_generation(max_new_tokens, len(ids), lm.recipe.context_window)
     model = lm.model
     if quant:
         _, model, _ = quantize(lm, quant if quant in SCHEMES else lm.recipe.quantization)
-    ids = lm.tokenizer.encode(prompt)
     t0 = time.perf_counter()
     out, _ = model.generate(ids, max_new_tokens, eos_id=lm.config.eos_token_id)
     dt = time.perf_counter() - t0
@@ -102,11 +107,13 @@ def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None
 def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None = 40,
              progress: Progress | None = None, scheme: str | None = None,
              quantizer: str | None = None) -> dict:
-    lm = load(recipe, checkpoint)
     text = Path(text_file)
-    if not text.is_file():
-        raise ExportError(f"--text {text}: no such file")
-    ids = lm.tokenizer.encode(text.read_text())
+    content = read_text_file(text, "--text")
+    lm = load(recipe, checkpoint)
+    ids = lm.tokenizer.encode(content, what=f"--text {text}")
+    if len(ids) < WINDOW:
+        raise ExportError(f"--text {text}: too short for perplexity ({len(ids)} tokens < one "
+                          f"{WINDOW}-token window)")
     progress = progress or Progress(quiet=True)
     qm, qref, _ = quantize(lm, scheme, progress=progress, allow_quality_loss=True, quantizer=quantizer)
     with progress.stage("perplexity"):
@@ -122,6 +129,21 @@ def default_out(recipe: str, target: str) -> Path:
     return Path("dist") / f"{recipe}-{target}"
 
 
+def check_export(target: str, recipe: str, options: dict) -> Recipe:
+    """Everything about an export that is cheap to check (no checkpoint, no --out): the recipe, the
+    target/recipe pairing, the target's options."""
+    from targets import get_target
+
+    rec = get_recipe(recipe)
+    rec.require_target(target)
+    backend = get_target(target)
+    if rec.is_vision and not backend.allows_vision:
+        raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
+    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
+        backend.check_options(rec, options)
+    return rec
+
+
 def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = None, force: bool = False,
            allow_quality_loss: bool = False, progress: Progress | None = None, **options) -> Path:
     """Load, quantize (with the quality gate), build the target's bundle, verify, finalize."""
@@ -130,15 +152,10 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
     from .bundle import Staging, tool_versions
 
     progress = progress or Progress(quiet=True)
-    rec = get_recipe(recipe)
-    rec.require_target(target)
+    rec = check_export(target, recipe, options)
     backend = get_target(target)
-    if rec.is_vision and not backend.allows_vision:
-        raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
-    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
-        backend.check_options(rec, options)
     out = Path(out) if out else default_out(rec.name, target)
-    with Staging(out, force) as staging:
+    with Staging(out, force) as staging:     # --out: writable, locked, stale staging removed
         with progress.stage("load"):
             ckpt, config, tok = open_model(rec, checkpoint)
             prefix = "llm." if rec.is_vision else ""

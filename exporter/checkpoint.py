@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ def resolve_checkpoint(recipe: Recipe, checkpoint: str | Path | None = None) -> 
     """The directory holding the recipe's checkpoint, or an ExportError naming every place looked."""
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
+        if path.is_file():
+            raise ExportError(f"--checkpoint {path}: is a file; give the checkpoint's folder (the one "
+                              f"holding config.json and the safetensors shards)")
         if not path.is_dir():
             raise ExportError(f"--checkpoint {path}: no such directory")
         return path
@@ -97,7 +101,7 @@ class Checkpoint:
                     for key in keys:
                         if key not in present:
                             raise ExportError(f"{shard}: tensor '{key}' listed in the index is missing")
-                        yield key, f.get_tensor(key)
+                        yield key, require_finite(f.get_tensor(key), key, shard)
             except SafetensorError as e:
                 raise ExportError(f"{shard}: corrupt or truncated safetensors shard ({e})") from None
 
@@ -116,6 +120,9 @@ class Checkpoint:
             plan[canon] = (shard, key)
         expected = expected_shapes(config)
         missing = sorted(set(expected) - set(plan))
+        if missing == ["output.weight"]:
+            raise ExportError(f"{self.path}: config.json has tie_word_embeddings=false but the checkpoint "
+                              f"has no '{prefix}lm_head.weight' (the untied output head)")
         if missing:
             raise ExportError(f"{self.path}: checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing)")
         extra = sorted(set(plan) - set(expected))
@@ -130,7 +137,7 @@ class Checkpoint:
             if (shard, key) not in shapes:
                 raise ExportError(f"{shard}: tensor '{key}' listed in the index is missing")
             if shapes[shard, key] != expected[canon]:
-                raise ExportError(f"{self.path}: tensor '{canon}' has shape {shapes[shard, key]}, "
+                raise ExportError(f"{shard}: tensor '{key}' ({canon}) has shape {shapes[shard, key]}, "
                                   f"config.json implies {expected[canon]}")
         return plan
 
@@ -140,7 +147,7 @@ class Checkpoint:
             shard, key = plan[canon]
             try:
                 with safe_open(shard, framework="pt") as f:
-                    return f.get_tensor(key).to(dtype)
+                    return require_finite(f.get_tensor(key), key, shard).to(dtype)
             except SafetensorError as e:
                 raise ExportError(f"{shard}: corrupt or truncated safetensors shard ({e})") from None
         return get
@@ -151,6 +158,17 @@ class Checkpoint:
         plan = self.text_plan(config, prefix)
         get = self.getter(plan, dtype)
         return {canon: get(canon) for canon in sorted(plan)}
+
+
+def require_finite(t: torch.Tensor, key: str, shard: Path) -> torch.Tensor:
+    """Refuse NaN / Inf weights where they are read (one min/max pass, no temporary copy)."""
+    if t.is_floating_point() and t.numel():
+        lo, hi = t.aminmax()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            bad = t.float().isnan().sum().item(), t.float().isinf().sum().item()
+            raise ExportError(f"{shard}: tensor '{key}' holds non-finite weights ({bad[0]} NaN, {bad[1]} Inf); "
+                              f"the checkpoint is damaged")
+    return t
 
 
 def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
@@ -198,11 +216,7 @@ def open_checkpoint(path: Path, recipe: Recipe | None = None) -> Checkpoint:
             shards[key] = shard
     elif (path / "model.safetensors").is_file():
         single = path / "model.safetensors"
-        try:
-            with safe_open(single, framework="pt") as f:
-                shards = {k: single for k in f.keys()}
-        except SafetensorError as e:
-            raise ExportError(f"{single}: corrupt or truncated safetensors file ({e})") from None
+        shards = {k: single for k in _read_header(single)[1] if k != "__metadata__"}
     else:
         raise ExportError(f"{path}: no model.safetensors or model.safetensors.index.json")
     for shard in set(shards.values()):
@@ -213,27 +227,52 @@ def open_checkpoint(path: Path, recipe: Recipe | None = None) -> Checkpoint:
     return Checkpoint(path=path, raw_config=raw, shards=shards, tokenizer_path=tok)
 
 
+# safetensors dtype -> bytes per element
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+               "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _read_header(shard: Path) -> tuple[int, dict]:
-    """(header length, header) of a safetensors file."""
+    """(header length, header) of a safetensors file, every entry checked: a JSON object of
+    {dtype, shape, data_offsets} whose byte range fits the dtype and shape."""
     size = shard.stat().st_size
     try:
         with open(shard, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if n <= 0 or 8 + n > size:
                 raise ValueError("header length exceeds file size")
-            return n, json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        for key, v in header.items():
+            if key == "__metadata__":
+                if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+                    raise ValueError("__metadata__ must map names to strings")
+            elif not _entry_ok(v):
+                raise ValueError(f"bad entry for tensor '{key}'")
+    except (ValueError, RecursionError) as e:
         raise ExportError(f"{shard}: corrupt safetensors shard ({e})") from None
+    return n, header
+
+
+def _entry_ok(v) -> bool:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in DTYPE_BYTES
+            and isinstance(v.get("shape"), list)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2):
+        return False
+    (a, b), shape = v["data_offsets"], v["shape"]
+    if not (all(map(is_int, shape)) and is_int(a) and is_int(b) and a <= b):
+        return False
+    return b - a == math.prod(shape) * DTYPE_BYTES[v["dtype"]]
 
 
 def _check_shard_header(shard: Path) -> None:
     """Catch truncation up front: the header's data offsets must fit in the file."""
     size = shard.stat().st_size
     n, header = _read_header(shard)
-    try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError) as e:
-        raise ExportError(f"{shard}: corrupt safetensors shard (bad entry: {e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise ExportError(f"{shard}: truncated or corrupt shard: {size} bytes on disk, "
                           f"header describes {8 + n + end}")

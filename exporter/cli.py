@@ -1,16 +1,17 @@
 """`mcpm-export`: a thin CLI over exporter.api. Every command prints its resolved settings."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, api
-from .checkpoint import resolve_checkpoint
 from .errors import ExportError
 from .progress import Progress, console, stdout
 from .recipes import KNOWN_QUANTIZERS, KNOWN_SCHEMES, KNOWN_TARGETS, get_recipe, load_recipes
@@ -18,15 +19,25 @@ from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
 def user_errors(fn):
-    """ExportError -> one line on stderr, exit 1."""
+    """ExportError (and a full disk) -> one line on stderr, exit 1; Ctrl-C / SIGINT -> exit 130."""
     @wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
         except ExportError as e:
-            console.print(f"[red]error:[/] {e}", soft_wrap=True)
-            sys.exit(1)
+            fail(str(e))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            fail(f"{e.filename or 'a write'}: no space left on the device")
+        except KeyboardInterrupt:
+            fail("interrupted", status=130)
     return wrapper
+
+
+def fail(msg: str, status: int = 1) -> None:
+    console.print(f"[red]error:[/] {escape(msg)}", soft_wrap=True)
+    sys.exit(status)
 
 
 def show_settings(title: str, **settings) -> None:
@@ -244,8 +255,6 @@ def release_cmd(recipes, target, checkpoint, out, force, as_json):
 @user_errors
 def verify_cmd(bundle):
     """Check a bundle directory or release archive: file hashes, manifest schema, symbol prefix, versions."""
-    from rich.markup import escape
-
     from .verify import verify_bundle
 
     problems = verify_bundle(Path(bundle))
@@ -306,9 +315,10 @@ def make_export_command(target: str) -> click.Command:
     @user_errors
     def run(recipe, checkpoint, out, force, allow_quality_loss, **options):
         out = out or str(api.default_out(recipe, target))
-        rec = get_recipe(recipe)
+        rec = api.check_export(target, recipe, options)     # the cheap checks; the checkpoint comes later
         show_settings(f"mcpm-export {target}", recipe=f"{rec.name} ({rec.repo_id}, {rec.quantization})",
-                      checkpoint=resolve_checkpoint(rec, checkpoint), out=out, force=force, **options)
+                      checkpoint=checkpoint or "embedded copy or Hugging Face cache", out=out, force=force,
+                      **options)
         bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss,
                             Progress(), **options)
         console.print(f"[bold green]bundle ready:[/] {bundle}")

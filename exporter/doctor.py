@@ -124,6 +124,15 @@ def check_sysroot() -> Check:
                  "apt-get install -y g++-aarch64-linux-gnu libc6-dev-arm64-cross")
 
 
+def check_runner_wheels() -> Check:
+    """The aarch64 TVM wheels the on-device runner is built from are cached (exports never download)."""
+    from runner.build import default_cache_dir, wheel_problem
+    wheel_dir = default_cache_dir() / "wheels"
+    problem = wheel_problem(wheel_dir)
+    return Check("runner wheels (aarch64 TVM)", TVM + ("runner",), problem is None,
+                 problem or f"{wheel_dir} (pinned, sha256 checked)", "bash scripts/install.sh")
+
+
 def run_checks() -> list[Check]:
     return [
         *check_python_packages(),
@@ -131,6 +140,7 @@ def run_checks() -> list[Check]:
         check_clang_link(),
         _tool("aarch64-linux-gnu-g++", ("runner",), "g++-aarch64-linux-gnu", "cross-compiles mcpm-run"),
         check_sysroot(),
+        check_runner_wheels(),
         _tool("adb", ("device",), "adb", "device benchmarks"),
         _tool("qemu-aarch64-static", ("tests",), "qemu-user-static", "runs mcpm-run in tests"),
     ]

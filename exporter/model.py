@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MiniCPMConfig
+from .errors import ExportError
 
 
 class RMSNorm(nn.Module):
@@ -172,8 +173,19 @@ class MiniCPM(nn.Module):
         return out, steps
 
 
+def check_generation(max_new_tokens: int, prompt_len: int | None = None, context_window: int | None = None,
+                     what: str = "prompt") -> None:
+    """The one length check of every generation (`generate`, `run`, `run --image`): at least one new
+    token, and the prompt plus the new tokens within the context window."""
+    if max_new_tokens < 1:
+        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if prompt_len is not None and context_window is not None and prompt_len + max_new_tokens > context_window:
+        raise ExportError(f"{what} ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                          f"the context window {context_window}")
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MiniCPM", "KVCache", "RMSNorm", "rope_tables", "apply_rope", "param_count", "math"]
+__all__ = ["MiniCPM", "KVCache", "check_generation", "RMSNorm", "rope_tables", "apply_rope", "param_count", "math"]

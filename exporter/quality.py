@@ -13,6 +13,9 @@ from .model import MiniCPM
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 WINDOW = 512
+# Trained MiniCPMs measure 5-40 on the English calibration text (tiny: ~31); a model with random or
+# scrambled weights measures hundreds to the vocabulary size. Above this the fp checkpoint is suspect.
+IMPLAUSIBLE_PPL = 200.0
 
 
 def windows(ids: list[int], window: int = WINDOW, count: int | None = None) -> list[list[int]]:
@@ -61,8 +64,20 @@ class QualityReport:
 
 
 def gate(report: QualityReport, override: bool = False) -> None:
-    """Stop the export when int4 loses more perplexity than the recipe allows."""
+    """Stop the export when a perplexity is not finite (never overridable: the model is broken), or
+    when int4 loses more perplexity than the recipe allows."""
+    if not (math.isfinite(report.ppl_fp) and math.isfinite(report.ppl_int4)):
+        raise ExportError(f"quality gate: perplexity is not finite (fp {report.ppl_fp}, int4 {report.ppl_int4}) "
+                          f"on {report.text}: the model's outputs overflow; check the checkpoint")
     if report.loss_pct > report.threshold_pct and not override:
         raise ExportError(f"quality gate: int4 perplexity {report.ppl_int4:.3f} is {report.loss_pct:.2f}% "
                           f"above fp {report.ppl_fp:.3f} on {report.text}, over the recipe's "
                           f"{report.threshold_pct}% limit (--allow-quality-loss to export anyway)")
+
+
+def implausible(report: QualityReport) -> str | None:
+    """A warning when the fp checkpoint itself looks untrained or damaged (the gate only compares)."""
+    if report.ppl_fp > IMPLAUSIBLE_PPL:
+        return (f"warning: fp perplexity {report.ppl_fp:.1f} on {report.text} is implausibly high for a "
+                f"trained model (above {IMPLAUSIBLE_PPL:.0f}; trained MiniCPMs give 5-40): check the checkpoint")
+    return None

@@ -104,8 +104,11 @@ def load_recipes(directory: Path = RECIPE_DIR) -> dict[str, Recipe]:
 
 
 def get_recipe(name: str, directory: Path = RECIPE_DIR) -> Recipe:
+    known = ", ".join(sorted(p.stem for p in directory.glob("*.toml")))
+    if not name or any(c in name for c in "/\\~") or name.startswith(".") or name.endswith(".toml"):
+        raise ExportError(f"--model '{name}': a recipe name is expected, not a path or repo id (known: {known}); "
+                          f"give a checkpoint folder with --checkpoint DIR")
     path = directory / f"{name}.toml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in directory.glob("*.toml")))
         raise ExportError(f"unknown recipe '{name}' (known: {known})")
     return parse_recipe(path)

@@ -21,7 +21,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.GetPieceSize()
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, what: str = "text") -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:     # a command-line argument that was not UTF-8 (surrogate escapes)
+            raise ExportError(f"{what}: not valid UTF-8 text (undecodable byte at character {e.start})") from None
         ids = self.sp.EncodeAsIds(text)
         return [self.bos_id] + ids if bos else ids
 
@@ -30,3 +34,24 @@ class Tokenizer:
 
     def piece_id(self, piece: str) -> int:
         return self.sp.PieceToId(piece)
+
+
+def read_text_file(path: Path, label: str) -> str:
+    """A UTF-8 text file's content, or one ExportError line naming the file (missing, binary, empty)."""
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ExportError(f"{label} {path}: no such file") from None
+    except OSError as e:
+        raise ExportError(f"{label} {path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{label} {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}; "
+                          f"convert it, e.g. iconv -f latin1 -t utf-8)") from None
+    if "\0" in text:
+        raise ExportError(f"{label} {path}: a binary file, not text (NUL byte at offset "
+                          f"{data.index(0)})")
+    if not text.strip():
+        raise ExportError(f"{label} {path}: empty file")
+    return text

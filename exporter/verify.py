@@ -16,6 +16,7 @@ Checks, one problem line each:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 import tarfile
@@ -23,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .bundle import MANIFEST, SCHEMA, check_files, sha256_file
+from .bundle import DIGEST_KEY, MANIFEST, SCHEMA, check_files, manifest_digest, sha256_file
 from .errors import ExportError
 from .recipes import KNOWN_TARGETS
 
@@ -42,6 +43,16 @@ LIBRARY_BIN = "__tvm_ffi__library_bin"
 IOS_SPEC_VERSION = {13: 4, 14: 5, 15: 6, 16: 7, 17: 8, 18: 9, 26: 10}
 COREMLTOOLS_MIN_MAJOR = 8        # Core ML states + multifunction packages
 SHA256 = re.compile(r"[0-9a-f]{64}")
+CHAT_CONFIG = "mlc-chat-config.json"
+# Keys whose string value (its first word), or list of strings, names a file or folder of the bundle,
+# wherever they sit in manifest.json or mlc-chat-config.json (libs.cpu.tar, coreml.package, runner.path,
+# vision.config, model_lib.params, tokenizer_files, ...). A value that is not path-like (no "/" or ".",
+# e.g. model_lib as a library name) is not a reference.
+REFERENCE_KEYS = ("tar", "so", "source", "path", "package", "config", "params", "file", "tokenizer_files",
+                  "model_lib")
+# top-level sections that describe provenance, not the bundle's contents
+PROVENANCE_KEYS = ("files", "quality", "source", "versions", "model", DIGEST_KEY)
+PATH_LIKE = re.compile(r"[\w.+-]+(/[\w.+-]+)*/?")
 
 
 # ---------------------------------------------------------------- ELF symbol tables (pure Python)
@@ -141,6 +152,64 @@ def check_schema(manifest: dict, label: str = MANIFEST) -> list[str]:
     return problems
 
 
+def inside(rel) -> bool:
+    """``rel`` is a non-empty relative path that stays inside the bundle (and that a filesystem takes)."""
+    return isinstance(rel, str) and bool(rel.strip("/")) and not rel.startswith("/") and ".." not in rel.split("/") \
+        and "\0" not in rel and all(len(part.encode("utf-8", "replace")) <= 255 for part in rel.split("/"))
+
+
+def bundle_references(doc, label: str) -> list[tuple[str, str]]:
+    """[(bundle-relative path, where it is named)] for every file reference in a bundle's JSON
+    document (manifest.json, mlc-chat-config.json): see REFERENCE_KEYS."""
+    refs: list[tuple[str, str]] = []
+
+    def walk(node, where: str, top: bool) -> None:
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]", False)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, v in node.items():
+            if top and key in PROVENANCE_KEYS:
+                continue
+            here = f"{where}.{key}" if where else str(key)
+            values = [(f"{here}[{i}]", x) for i, x in enumerate(v)] if isinstance(v, list) else [(here, v)]
+            if key in REFERENCE_KEYS and all(isinstance(x, str) for _, x in values):
+                for at, x in values:
+                    word = x.split()[0] if x.split() else ""
+                    if PATH_LIKE.fullmatch(word) and ("/" in word or "." in word) and word not in (".", ".."):
+                        refs.append((word.rstrip("/"), f"{label} {at}"))
+            else:
+                walk(v, here, False)
+
+    walk(doc, "", True)
+    return refs
+
+
+def check_references(bundle: Path, manifest: dict, files: dict) -> list[str]:
+    """Every file or folder manifest.json or mlc-chat-config.json refers to exists and is hashed in
+    ``files`` (a folder: at least one hashed file under it)."""
+    refs = bundle_references(manifest, MANIFEST)
+    chat = bundle / CHAT_CONFIG
+    if chat.is_file():
+        try:
+            refs += bundle_references(json.loads(chat.read_text()), CHAT_CONFIG)
+        except (ValueError, RecursionError) as e:
+            return [f"{chat}: not valid JSON ({e})"]
+    problems = []
+    for rel, where in refs:
+        if not inside(rel):
+            problems.append(f"{where}: unsafe path '{rel}'")
+        elif rel in files or any(k.startswith(rel + "/") for k in files):
+            continue      # hashed; check_files reports it if it is missing or differs
+        elif not (bundle / rel).exists():
+            problems.append(f"{bundle / rel}: missing ({where} refers to it)")
+        else:
+            problems.append(f"{bundle / rel}: not hashed in the manifest ({where} refers to it)")
+    return sorted(set(problems))
+
+
 def check_tvm_libraries(bundle: Path, manifest: dict) -> list[str]:
     """Triple, symbol prefix and ELF machine of every model library the manifest lists (and of the
     vision encoder's libraries in a vision bundle, prefix ``<prefix>vision_``)."""
@@ -190,8 +259,8 @@ def check_libs(bundle: Path, libs: dict, recipe: str, label: str, prefix: str | 
         want_machine = "x86_64" if backend == "host" else "aarch64"
         for kind in ("tar", "so"):
             rel = lib.get(kind) if isinstance(lib, dict) else None
-            if not rel or not (bundle / rel).is_file():
-                continue      # a missing listed file is already reported by check_files
+            if not inside(rel) or not (bundle / rel).is_file():
+                continue      # missing or unsafe: reported by check_references
             try:
                 members = library_symbols(bundle / rel)
             except ExportError as e:
@@ -243,13 +312,14 @@ def check_coreml(bundle: Path, manifest: dict) -> list[str]:
     mf = bundle / MANIFEST
     if "coremltools" not in versions:
         return [f"{mf}: versions has no 'coremltools' (the converter of the .mlpackage)"]
-    if not isinstance(info, dict) or not isinstance(info.get("package"), str):
-        return [f"{mf}: ios bundle without coreml.package"]
+    if not isinstance(info, dict) or not inside(info.get("package")):
+        return [f"{mf}: ios bundle without coreml.package (a folder inside the bundle)"]
     problems = []
     if _major(versions["coremltools"]) < COREMLTOOLS_MIN_MAJOR:
         problems.append(f"{mf}: coremltools {versions['coremltools']} cannot write stateful multifunction "
                         f"packages (need >= {COREMLTOOLS_MIN_MAJOR})")
     spec_path = bundle / info["package"] / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    logging.getLogger("coremltools").setLevel(logging.ERROR)   # its import-time "Failed to load ..." noise
     try:
         from coremltools.proto import Model_pb2
     except ImportError:
@@ -292,7 +362,8 @@ def runner_files(bundle: Path, manifest: dict) -> dict:
     table = {"runner/BUILD.json": {"sha256": sha256_file(build), "size": build.stat().st_size}}
     for rel, digest in files.items():
         path = bundle / "runner" / rel
-        table[f"runner/{rel}"] = {"sha256": digest, "size": path.stat().st_size if path.is_file() else -1}
+        table[f"runner/{rel}"] = {"sha256": digest, "size": path.stat().st_size
+                                  if inside(rel) and path.is_file() else -1}
     return table
 
 
@@ -332,6 +403,8 @@ def opened(path: Path):
                     raise ExportError(f"{path}: archive must hold exactly one bundle directory "
                                       f"(found {len(tops)} top-level entries)")
                 tar.extractall(tmp, filter="data")
+        except tarfile.FilterError as e:      # path traversal, absolute paths, links out of the bundle
+            raise ExportError(f"{path}: unsafe archive member, refused ({e})") from None
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             raise ExportError(f"{path}: truncated or unreadable archive ({e})") from None
         top = tops.pop()
@@ -346,18 +419,35 @@ def _verify_dir(bundle: Path, host_run: bool) -> list[str]:
         manifest = json.loads((bundle / MANIFEST).read_text())
     except FileNotFoundError:
         return [f"{bundle}: not a bundle (no {MANIFEST})"]
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         return [f"{bundle / MANIFEST}: not valid JSON ({e})"]
     problems = check_schema(manifest, str(bundle / MANIFEST))
     if problems:
         return problems       # the remaining checks need a well-formed manifest
-    problems += check_files(bundle, {**manifest, "files": {**runner_files(bundle, manifest), **manifest["files"]}})
+    problems += digest_problems(bundle, manifest)
+    files = {**runner_files(bundle, manifest), **manifest["files"]}
+    problems += check_files(bundle, {**manifest, "files": files})
+    problems += check_references(bundle, manifest, files)
     if manifest["target"] in TVM_TARGETS:
         problems += check_tvm_libraries(bundle, manifest)
         if host_run:
             problems += host_runtime_problems(bundle, manifest)
     problems += check_versions(bundle, manifest)
     return problems
+
+
+def digest_problems(bundle: Path, manifest: dict) -> list[str]:
+    """manifest.json's own digest (exporter.bundle.manifest_digest): edited metadata is caught."""
+    mf = bundle / MANIFEST
+    if not isinstance(manifest.get(DIGEST_KEY), str):
+        return [f"{mf}: no {DIGEST_KEY} (written by an older mcpm-export, or edited)"]
+    try:
+        digest = manifest_digest(manifest)
+    except ValueError:
+        return [f"{mf}: holds NaN or Infinity (not strict JSON)"]
+    if digest != manifest[DIGEST_KEY]:
+        return [f"{mf}: edited after export ({DIGEST_KEY} does not match its content)"]
+    return []
 
 
 def verify_bundle(path: str | Path, host_run: bool = False) -> list[str]:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,25 +76,50 @@ def _ffi_include() -> Path:
     return inc
 
 
-def fetch_wheels(wheel_dir: Path, say=print) -> list[Path]:
-    """The aarch64 TVM wheels in wheel_dir (downloaded with pip when missing), checked by sha256."""
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    paths = [wheel_dir / name for name in WHEELS]
-    if not all(p.is_file() for p in paths):
-        say("downloading the aarch64 apache-tvm / apache-tvm-ffi wheels from PyPI")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", str(wheel_dir),
-               f"apache-tvm=={TVM_VERSION}", f"apache-tvm-ffi=={TVM_FFI_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            raise ExportError(f"pip download of the aarch64 TVM wheels failed: {last}")
-    for p in paths:
+FETCH_HINT = "run `bash scripts/install.sh` (or `python3 -m runner.build --fetch-wheels`) once with access to PyPI"
+# what pip -v says when PyPI cannot be reached (its last line then wrongly claims the version does not exist)
+OFFLINE = re.compile(r"Failed to establish a new connection: (\[Errno -?\d+\] [^'\")]+)|connection error: ([^(]+)"
+                     r"|(Temporary failure in name resolution|Network is unreachable|timed out)")
+
+
+def wheel_problem(wheel_dir: Path) -> str | None:
+    """Why the pinned aarch64 TVM wheels are not usable from wheel_dir (None: they are)."""
+    for name, digest in WHEELS.items():
+        p = wheel_dir / name
         if not p.is_file():
-            raise ExportError(f"expected wheel {p.name} in {wheel_dir}; pip fetched something else")
-        if sha256_file(p) != WHEELS[p.name]:
-            raise ExportError(f"{p}: sha256 mismatch with the pinned PyPI wheel")
-    return paths
+            return f"{p.name} is not in {wheel_dir}"
+        if sha256_file(p) != digest:
+            return f"{p}: sha256 differs from the pinned PyPI wheel"
+    return None
+
+
+def cached_wheels(wheel_dir: Path) -> list[Path]:
+    """The aarch64 TVM wheels the runner is built from, from the cache only: an export never downloads."""
+    problem = wheel_problem(wheel_dir)
+    if problem:
+        raise ExportError(f"the on-device runner needs the aarch64 apache-tvm / apache-tvm-ffi wheels: {problem}; "
+                          f"exports work offline, so they are fetched at install time: {FETCH_HINT}")
+    return [wheel_dir / name for name in WHEELS]
+
+
+def fetch_wheels(wheel_dir: Path, say=print) -> list[Path]:
+    """Download the pinned aarch64 TVM wheels into wheel_dir with pip (install time, scripts/install.sh);
+    nothing is downloaded when they are already there."""
+    if wheel_problem(wheel_dir) is None:
+        return cached_wheels(wheel_dir)
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    say(f"downloading the aarch64 apache-tvm / apache-tvm-ffi wheels from PyPI into {wheel_dir}")
+    cmd = [sys.executable, "-m", "pip", "download", "-v", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "-d", str(wheel_dir),
+           f"apache-tvm=={TVM_VERSION}", f"apache-tvm-ffi=={TVM_FFI_VERSION}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        offline = OFFLINE.search(proc.stdout + proc.stderr)
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise ExportError("pip download of the aarch64 TVM wheels failed: " + (
+            f"PyPI cannot be reached ({next(g for g in offline.groups() if g).strip()}); connect to the network "
+            f"(or set PIP_INDEX_URL to a reachable mirror) and run it again" if offline else last))
+    return cached_wheels(wheel_dir)
 
 
 def build_key(wheels: list[Path]) -> tuple[str, dict]:
@@ -160,7 +186,7 @@ def build_runner(cache_dir: Path | None = None, force: bool = False, say=None) -
     standalone = say is None  # inside an export's progress stage there is already a live display
     say = say or (lambda msg: console.print(f"runner: {msg}"))
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    wheels = fetch_wheels(cache_dir / "wheels", say)
+    wheels = cached_wheels(cache_dir / "wheels")
     key, inputs = build_key(wheels)
     final = cache_dir / f"mcpm-run-{key[:16]}"
     if (final / "BUILD.json").is_file() and not force:
@@ -200,3 +226,17 @@ def install_runner(bundle_dir: Path, cache_dir: Path | None = None, say=None) ->
     info = json.loads((built / "BUILD.json").read_text())
     return {"runner": {"path": "runner/mcpm-run", "version": info["runner_version"], "abi": "arm64-v8a",
                        "build_key": info["build_key"]}}
+
+
+if __name__ == "__main__":      # scripts/install.sh: python3 -m runner.build --fetch-wheels
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Fetch the pinned aarch64 TVM wheels the runner is built from.")
+    ap.add_argument("--fetch-wheels", action="store_true", required=True)
+    ap.parse_args()
+    try:
+        wheel_dir = default_cache_dir() / "wheels"
+        fetch_wheels(wheel_dir)
+        print(f"runner wheels: {wheel_dir}")
+    except ExportError as e:
+        sys.exit(f"error: {e}")

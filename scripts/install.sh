@@ -15,3 +15,6 @@ else
   echo "note: not root or no apt-get; install these yourself for the runner and device tests: $APT_PACKAGES" >&2
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The on-device runner is cross-built from PyPI's aarch64 TVM wheels: fetch them now, so that exports
+# never touch the network (a no-op when the cache already holds them; `mcpm-export doctor` checks it).
+python3 -m runner.build --fetch-wheels

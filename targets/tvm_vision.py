@@ -29,12 +29,13 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from exporter.errors import ExportError
+from exporter.model import check_generation
 from exporter.tokenizer import Tokenizer
 from exporter.vision import preprocess as pp
 from exporter.vision.config import VisionConfig
 from exporter.vision.loader import load_minicpmv
 from exporter.vision.model import MiniCPMVVision, VisionEncoder, key_pos_table
-from exporter.vision.slicing import ImagePlan, ImageTokens, build_prompt, plan_image, slice_images
+from exporter.vision.slicing import ImagePlan, ImageTokens, build_prompt, plan_image, read_image, slice_images
 from targets.tvm.reproducible import canonical_shape_funcs
 
 FUNCTION = "image_embed"
@@ -369,6 +370,7 @@ def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndar
     image features: embed(ids) -> features replace the <unk> rows -> chunked prefill -> decode."""
     from exporter.vision.multimodal import splice
 
+    check_generation(max_new_tokens, len(ids), model.context_window, "image prompt")
     gen = model.generate(ids, max_new_tokens, eos_id,
                          embed_hook=lambda embeds: splice(embeds, starts, feats, query_num))
     return {"tokens": gen.tokens, "logits": gen.logits, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}
@@ -376,17 +378,10 @@ def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndar
 
 def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:
     """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart."""
-    from PIL import Image, UnidentifiedImageError
-
     from targets.tvm.runner import load_bundle
 
-    if max_new_tokens < 1:
-        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    try:
-        image = Image.open(image_path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise ExportError(f"--image {image_path}: cannot read image ({e})") from None
+    check_generation(max_new_tokens)
+    image = read_image(image_path, "--image ")
     vision = VisionRunner.from_bundle(Path(bundle))
     model, tok, conf = load_bundle(Path(bundle))
     plan, feats, times = vision.embed_image(image)

@@ -1,10 +1,14 @@
 """`mcpm-export doctor` against this machine's real toolchain, and with tools hidden from PATH."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from exporter.doctor import BUILD_TARGETS, run_checks, summary
+from exporter.errors import ExportError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +26,7 @@ def test_this_machine_can_build_every_target():
     names = {c["name"] for c in res["checks"]}
     for expected in ("apache-tvm", "TVM LLVM backends", "clang + lld (aarch64 .so)", "aarch64-linux-gnu-g++",
                      "aarch64 sysroot", "adb", "qemu-aarch64-static", "coremltools", "numpy", "onnxruntime",
-                     "torch (CPU build)"):
+                     "torch (CPU build)", "runner wheels (aarch64 TVM)"):
         assert expected in names
 
 
@@ -44,6 +48,8 @@ def test_json_and_exit_status_when_tools_are_missing(tmp_path):
     assert "apt-get install -y qemu-user-static" in res["fixes"]
     assert "apt-get install -y g++-aarch64-linux-gnu" in res["fixes"]
     assert by_name["apache-tvm"]["ok"]           # python packages are unaffected by PATH
+    wheels = by_name["runner wheels (aarch64 TVM)"]   # HOME is empty: no cached runner wheels
+    assert not wheels["ok"] and "is not in" in wheels["detail"] and wheels["fix"] == "bash scripts/install.sh"
 
 
 def test_table_output():
@@ -56,3 +62,34 @@ def test_table_output():
     assert "mcpm-export doctor" in out.output
     for t in BUILD_TARGETS:
         assert f"{t}: can build" in out.output
+
+
+# ------------------------------------------------------------------ offline: the runner's wheels
+UNREACHABLE = {"PIP_INDEX_URL": "https://pypi.invalid/simple", "PIP_RETRIES": "1"}
+
+
+def test_export_never_downloads_and_names_cause_and_fix(tmp_path):
+    from runner.build import build_runner
+
+    with pytest.raises(ExportError) as e:
+        build_runner(tmp_path)
+    msg = str(e.value)
+    assert "apache_tvm-0.27.0.post1" in msg and str(tmp_path / "wheels") in msg
+    assert "exports work offline" in msg and "bash scripts/install.sh" in msg
+    assert not (tmp_path / "wheels").exists()
+
+
+def test_fetch_without_network_names_the_cause(tmp_path, monkeypatch):
+    from runner.build import fetch_wheels
+
+    for k, v in UNREACHABLE.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ExportError, match=r"PyPI cannot be reached \(\[Errno -?\d+\] [^)]+\); connect to the network"):
+        fetch_wheels(tmp_path / "wheels", say=lambda _: None)
+
+
+def test_install_time_fetch_is_a_no_op_when_cached():
+    """What scripts/install.sh runs: with the wheels cached it succeeds without any index reachable."""
+    r = subprocess.run([sys.executable, "-m", "runner.build", "--fetch-wheels"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, **UNREACHABLE})
+    assert r.returncode == 0 and "runner wheels:" in r.stdout and "downloading" not in r.stdout + r.stderr, r.stderr

@@ -3,7 +3,6 @@ and every bad input giving one clear error with nothing half-written."""
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,15 +21,11 @@ from exporter.recipes import EMBEDDED_DIR, get_recipe
 from exporter.tokenizer import Tokenizer
 from targets.tvm.params import read_tensor_cache
 from targets.tvm.target import VERIFY_PROMPT, VERIFY_TOKENS, BuildRequest, TVMTarget, build_bundle
+from tests.support.cli import cli, nothing_partial, one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = EMBEDDED_DIR / "tinycpm-docs"
 EM_AARCH64 = 183
-
-
-def cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def elf_machine(data: bytes) -> int:
@@ -189,18 +184,6 @@ def test_opencl_check_catches_bad_source(tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-def one_error_line(r, *needles):
-    assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for n in needles:
-        assert n in lines[-1], lines[-1]
-
-
-def nothing_partial(parent: Path):
-    assert not [p for p in parent.iterdir() if ".partial-" in p.name]
-
-
 def test_unknown_recipe(tmp_path):
     one_error_line(cli("android", "--model", "no-such-model", "--out", tmp_path / "b"), "unknown recipe",
                    "no-such-model")

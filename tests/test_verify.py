@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exporter.bundle import sha256_file, tool_versions
+from exporter.bundle import manifest_text, sha256_file, tool_versions
 from exporter.cli import main
 from exporter.errors import ExportError
 from exporter.release import pack
-from exporter.verify import elf_symbols, library_symbols, require_verified, verify_bundle
+from exporter.verify import bundle_references, elf_symbols, library_symbols, require_verified, verify_bundle
 from tests.support.release_bundles import assemble_bundle, build_libs
 
 NAME = "mcpm-tiny-android-q4f16_e8-v0.1.0"
@@ -28,10 +28,11 @@ def bundle(tmp_path, libs):
     return assemble_bundle(tmp_path / NAME, libs)
 
 
-def rewrite_manifest(bundle: Path, change) -> None:
+def rewrite_manifest(bundle: Path, change, restamp: bool = True) -> None:
+    """Edit manifest.json; ``restamp``: with a matching digest (to test the other checks in isolation)."""
     m = json.loads((bundle / "manifest.json").read_text())
     change(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    (bundle / "manifest.json").write_text(manifest_text(m) if restamp else json.dumps(m))
 
 
 def test_good_bundle_and_its_archive_verify(bundle, tmp_path):
@@ -193,11 +194,51 @@ def test_run_refuses_a_bundle_that_does_not_verify(bundle):
         run_bundle(bundle, "hello", 2)
 
 
+def test_every_referenced_file_exists_and_is_hashed(bundle):
+    """Issue 12 #6: on-device libraries deleted and the files table edited to match (digest re-stamped)."""
+    shutil.rmtree(bundle / "lib" / "cpu")
+    rewrite_manifest(bundle, lambda m: [m["files"].pop(k) for k in list(m["files"]) if k.startswith("lib/cpu/")])
+    assert verify_bundle(bundle) == [
+        f"{bundle / 'lib/cpu/model.so'}: missing (manifest.json libs.cpu.so refers to it)",
+        f"{bundle / 'lib/cpu/model.tar'}: missing (manifest.json libs.cpu.tar refers to it)"]
+    # mlc-chat-config.json's references count too: a tokenizer file present but never hashed
+    (bundle / "tokenizer.model").write_bytes(b"sp")
+    conf = {"model_lib": {"system_lib_prefix": "mcpm_tiny_"}, "tokenizer_files": ["tokenizer.model"]}
+    (bundle / "mlc-chat-config.json").write_text(json.dumps(conf))
+    problems = verify_bundle(bundle)
+    assert f"{bundle / 'tokenizer.model'}: not hashed in the manifest (mlc-chat-config.json tokenizer_files[0] " \
+           f"refers to it)" in problems
+
+
+def test_bundle_references_are_generic_over_the_config():
+    """MLC-LLM's layout (params at the root, model_lib a library name) needs no change here."""
+    mlc = {"model_lib": "mcpm_tiny_q4f16_e8", "tokenizer_files": ["tokenizer.model", "tokenizer_config.json"],
+           "model_config": {"hidden_size": 256}, "params": "tensor-cache.json (records)"}
+    assert bundle_references(mlc, "c") == [("tokenizer.model", "c tokenizer_files[0]"),
+                                           ("tokenizer_config.json", "c tokenizer_files[1]"),
+                                           ("tensor-cache.json", "c params")]
+    manifest = {"libs": {"cpu": {"tar": "lib/cpu/model.tar", "target": "llvm -mtriple=aarch64"}},
+                "source": {"repo_id": "openbmb/x"}, "quality": {"text": "calibration.txt (windows 16+)"},
+                "coreml": {"package": "MiniCPM.mlpackage"}, "vision": {"config": "vision/vision-config.json"}}
+    assert bundle_references(manifest, "m") == [("lib/cpu/model.tar", "m libs.cpu.tar"),
+                                                ("MiniCPM.mlpackage", "m coreml.package"),
+                                                ("vision/vision-config.json", "m vision.config")]
+
+
+def test_edited_metadata_is_caught_by_the_digest(bundle):
+    rewrite_manifest(bundle, lambda m: m["quality"].update(ppl_int4=31.0), restamp=False)
+    assert verify_bundle(bundle) == [f"{bundle / 'manifest.json'}: edited after export (manifest_sha256 does not "
+                                     f"match its content)"]
+
+
 def test_ios_bundle_spec_version_functions_and_coremltools(tmp_path):
+    from tests.support.cli import cli
     from tests.support.release_bundles import assemble_ios_bundle
 
     b = assemble_ios_bundle(tmp_path / "ok")
     assert verify_bundle(b) == []
+    r = cli("verify", b, timeout=300)             # no coremltools import noise ("Failed to load ...")
+    assert r.returncode == 0 and "Failed to load" not in r.stderr + r.stdout, r.stderr
     b = assemble_ios_bundle(tmp_path / "old", {"minimum_deployment_target": "iOS17",
                                                "functions": {"prefill": {}, "decode": {}}})
     spec = b / "M.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel"

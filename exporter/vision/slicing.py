@@ -208,15 +208,25 @@ class PlannerSettings:
                    int(v.get("image_size", 448)))
 
 
+def read_image(path, label: str = ""):
+    """An image file, pixels loaded (a truncated file is refused here, not later), as a PIL image;
+    ExportError for anything Pillow cannot read, incl. decompression bombs (huge claimed sizes)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Image.DecompressionBombError as e:
+        raise ExportError(f"{label}{path}: refusing the image ({e})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise ExportError(f"{label}{path}: cannot read image ({e.__class__.__name__}: {e})") from None
+
+
 def plan_file(path, recipe) -> dict:
     """`mcpm-export image-plan`: the plan of an image file under a recipe, as a dict."""
-    from PIL import Image, UnidentifiedImageError
     settings = PlannerSettings.from_recipe(recipe)
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (OSError, UnidentifiedImageError) as e:
-        raise ExportError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+    with read_image(path) as im:
+        width, height = im.size
     plan = plan_image(width, height, settings)
     one_token = ImageTokens(1, 2, 3, 4, 0, [5])     # MiniCPM's "\n" is one token (<0x0A>)
     return {"image": str(path), "recipe": recipe.name, **plan.to_dict(),

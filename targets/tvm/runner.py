@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 from exporter.errors import ExportError
+from exporter.model import check_generation
 
 PAGE_SIZE = 16
 
@@ -93,9 +94,7 @@ class TVMModel:
                  stop_ids: set[int] | None = None) -> Generation:
         if not prompt:
             raise ExportError("prompt is empty after tokenization")
-        if len(prompt) + max_new_tokens > self.context_window:
-            raise ExportError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds "
-                              f"the context window {self.context_window}")
+        check_generation(max_new_tokens, len(prompt), self.context_window)
         stop = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
         kv = self.new_cache()
         t0 = time.perf_counter()
@@ -147,8 +146,7 @@ def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32, chat: bool =
     else it is tokenized as is. Generation stops at the template's stop tokens."""
     from exporter.chat import get_chat_template
 
-    if max_new_tokens < 1:
-        raise ExportError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    check_generation(max_new_tokens)
     model, tok, conf = load_bundle(bundle)
     template = get_chat_template(conf.get("mcpm", {}).get("chat_template", "plain"))
     text = template.format_turns([("user", prompt)]) if chat else prompt
