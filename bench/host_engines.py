@@ -116,7 +116,7 @@ class McpmSession(Session):
         # bundle's portable x86-64-v3 host target would select the kernels' AVX2 path
         cpu = tvm.get_global_func("target.llvm_get_system_cpu")()
         target = pipeline.make_target("cpu", {**pipeline.HOST_TARGET, "mcpu": cpu})
-        mod, specs = pipeline.export_ir(cfg, "q4f16", target)
+        mod, specs = pipeline.export_ir(cfg, "q4f16", target, context_window=plan.context, prefill_chunk=plan.chunk)
         lib = workdir / "mcpm-model.so"        # compiled once per decode_host run, reused by every rep
         if not lib.exists():
             t0 = time.perf_counter()
@@ -134,9 +134,9 @@ class McpmSession(Session):
         import numpy as np
 
         if len(ids) == 1 and not self.fresh:
-            logits = self.model._step(self.kv, ids, "decode")
+            logits = self.model.forward(self.kv, self.model.embed(ids), "decode")
         else:
-            logits = self.model.forward_chunks(self.kv, ids)
+            logits = self.model.forward_chunks(self.kv, self.model.embed(ids))
         self.fresh = False
         return int(np.argmax(logits))
 

@@ -105,9 +105,8 @@ def make_bundle(tmp_path):
         b = tmp_path / name
         (b / "runner").mkdir(parents=True)
         shutil.copy2(runner, b / "runner" / "mcpm-run")
-        (b / "params").mkdir()
-        for rel, data in {"params/params_shard_0.bin": os.urandom(150_000),
-                          "params/tensor-cache.json": b'{"records": []}',
+        for rel, data in {"params_shard_0.bin": os.urandom(150_000),
+                          "tensor-cache.json": b'{"records": []}',
                           "mlc-chat-config.json": b'{"vocab_size": 8192}',
                           "lib/host/model.so": b"x86_64 host build, never pushed", **(extra or {})}.items():
             (b / rel).parent.mkdir(parents=True, exist_ok=True)

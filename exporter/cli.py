@@ -157,8 +157,10 @@ def bench(bundle, serials, all_devices, prompt_len, gen_len, repeat, warmup, thr
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text, prefill_tok_s, decode_tok_s as JSON.")
 @click.option("--image", type=click.Path(), default=None, help="An image for a vision bundle (v-int4, v2-int4).")
+@click.option("--chat/--raw", default=True, show_default=True,
+              help="--chat: the prompt is a user turn in the bundle's chat template; --raw: tokenized as is.")
 @user_errors
-def run_cmd(bundle, prompt, max_new_tokens, as_json, image):
+def run_cmd(bundle, prompt, max_new_tokens, as_json, image, chat):
     """Greedy generation with an android/harmony bundle's host (x86_64) build."""
     from targets.tvm.runner import run_bundle
 
@@ -166,7 +168,7 @@ def run_cmd(bundle, prompt, max_new_tokens, as_json, image):
         from targets.tvm_vision import run_bundle_with_image
         res = run_bundle_with_image(Path(bundle), Path(image), prompt, max_new_tokens)
     else:
-        res = run_bundle(Path(bundle), prompt, max_new_tokens)
+        res = run_bundle(Path(bundle), prompt, max_new_tokens, chat=chat)
     if as_json:
         click.echo(json.dumps(res))
     else:

@@ -107,9 +107,10 @@ def library_symbols(path: Path) -> list[tuple[str, str, list[str]]]:
 
 # ---------------------------------------------------------------- checks
 
-def expected_prefix(recipe: str) -> str:
-    """DESIGN.md: ``mcpm_<recipe>_`` with non-alphanumerics replaced by ``_``."""
-    return "mcpm_" + re.sub(r"[^0-9A-Za-z]", "_", recipe) + "_"
+def expected_prefix(recipe: str, backend: str = "cpu") -> str:
+    """DESIGN.md: ``mcpm_<recipe>_`` (cpu) / ``mcpm_<recipe>_<backend>_`` (opencl), non-alphanumerics
+    replaced by ``_``: one app can link the cpu and opencl libraries together."""
+    return "mcpm_" + re.sub(r"[^0-9A-Za-z]", "_", recipe) + "_" + ("" if backend == "cpu" else backend + "_")
 
 
 def check_schema(manifest: dict, label: str = MANIFEST) -> list[str]:
@@ -220,27 +221,41 @@ def check_tvm_libraries(bundle: Path, manifest: dict) -> list[str]:
     if prefix != expected_prefix(recipe):
         problems.append(f"{mf}: system_lib_prefix '{prefix}' does not match recipe '{recipe}' "
                         f"(expected '{expected_prefix(recipe)}')")
+    conf_path = bundle / "mlc-chat-config.json"
     try:
-        conf = json.loads((bundle / "mlc-chat-config.json").read_text())
-        conf_prefix = conf["model_lib"]["system_lib_prefix"]
-        if conf_prefix != prefix:
-            problems.append(f"{bundle / 'mlc-chat-config.json'}: system_lib_prefix '{conf_prefix}' "
-                            f"!= manifest '{prefix}'")
-    except (OSError, ValueError, KeyError, TypeError):
-        problems.append(f"{bundle / 'mlc-chat-config.json'}: missing or has no model_lib.system_lib_prefix")
-    problems += check_libs(bundle, manifest["libs"], prefix, "libs")
+        conf = json.loads(conf_path.read_text())
+        model_lib, conf_libs = conf["model_lib"], conf["mcpm"]["libs"]
+        if not isinstance(model_lib, str):
+            problems.append(f"{conf_path}: model_lib must be a string (MLC's system-lib name), got {model_lib!r}")
+        elif not any(isinstance(lib, dict) and lib.get("prefix") == model_lib + "_" for lib in conf_libs.values()):
+            problems.append(f"{conf_path}: model_lib '{model_lib}' names none of the bundle's libraries")
+        for backend, lib in manifest["libs"].items():
+            if isinstance(lib, dict) and lib.get("prefix") != conf_libs.get(backend, {}).get("prefix"):
+                problems.append(f"{conf_path}: mcpm.libs.{backend}.prefix "
+                                f"'{conf_libs.get(backend, {}).get('prefix')}' != manifest '{lib.get('prefix')}'")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        problems.append(f"{conf_path}: missing, or has no model_lib / mcpm.libs")
+    problems += check_libs(bundle, manifest["libs"], recipe, "libs")
     vision = manifest.get("vision")
     if isinstance(vision, dict) and isinstance(vision.get("libs"), dict):
         if vision.get("system_lib_prefix") != prefix + "vision_":
             problems.append(f"{mf}: vision.system_lib_prefix '{vision.get('system_lib_prefix')}' is not "
                             f"'{prefix}vision_'")
-        problems += check_libs(bundle, vision["libs"], prefix + "vision_", "vision.libs")
+        problems += check_libs(bundle, vision["libs"], recipe, "vision.libs", prefix + "vision_")
     return problems
 
 
-def check_libs(bundle: Path, libs: dict, prefix: str, label: str) -> list[str]:
+def check_libs(bundle: Path, libs: dict, recipe: str, label: str, prefix: str | None = None) -> list[str]:
+    """ELF machine and system-lib prefix of each listed library: ``prefix`` when given, else the
+    library's own "prefix", which must be expected_prefix(recipe, backend)."""
     problems = []
     for backend, lib in sorted(libs.items()):
+        want_prefix = prefix
+        if want_prefix is None and backend != "host":
+            want_prefix = expected_prefix(recipe, backend)
+            if isinstance(lib, dict) and lib.get("prefix", want_prefix) != want_prefix:
+                problems.append(f"{bundle / MANIFEST}: {label}.{backend}.prefix '{lib.get('prefix')}' is not "
+                                f"'{want_prefix}'")
         want_machine = "x86_64" if backend == "host" else "aarch64"
         for kind in ("tar", "so"):
             rel = lib.get(kind) if isinstance(lib, dict) else None
@@ -258,11 +273,11 @@ def check_libs(bundle: Path, libs: dict, prefix: str, label: str) -> list[str]:
             if backend == "host":
                 continue      # the host build is a plain (non system-lib) shared library
             symbols = {s for _, _, syms in members for s in syms}
-            if prefix + LIBRARY_BIN not in symbols:
+            if want_prefix + LIBRARY_BIN not in symbols:
                 others = sorted(s[:-len(LIBRARY_BIN)] for s in symbols if s.endswith(LIBRARY_BIN))
                 seen = f" (it has prefix {', '.join(repr(o) for o in others)})" if others else ""
-                problems.append(f"{bundle / rel}: no '{prefix}{LIBRARY_BIN}' symbol: not a system library "
-                                f"with prefix '{prefix}'{seen}")
+                problems.append(f"{bundle / rel}: no '{want_prefix}{LIBRARY_BIN}' symbol: not a system library "
+                                f"with prefix '{want_prefix}'{seen}")
     return problems
 
 

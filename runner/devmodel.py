@@ -1,7 +1,7 @@
 """A tiny random MiniCPM-style decoder, compiled to an aarch64 bundle, to exercise mcpm-run.
 
-It follows the DESIGN.md "TVM model library conventions" (embed / prefill / decode /
-create_tir_paged_kv_cache, params in params/tensor-cache.json, mlc-chat-config.json) so the
+It follows the DESIGN.md "TVM model library conventions" (MLC-LLM's embed -> [n, hidden], prefill /
+decode -> (logits, kv_cache), create_tir_paged_kv_cache; tensor-cache.json next to mlc-chat-config.json) so the
 runner can be tested without the real export pipeline. `reference_greedy` is the numpy
 reference the runner's tokens are compared against.
 """
@@ -147,10 +147,10 @@ def _build_module():
             return nn.op.matmul(last, nn.op.permute_dims(self.tok_embeddings.weight), out_dtype="float32")
 
         def prefill(self, input_embed, kv):
-            return self._body(nn.op.reshape(input_embed, (1, -1, HIDDEN)), kv)
+            return self._body(input_embed, kv), kv
 
         def decode(self, input_embed, kv):
-            return self._body(input_embed, kv)
+            return self._body(input_embed, kv), kv
 
         def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
                                       page_size, support_sliding_window):
@@ -186,7 +186,7 @@ def _build_module():
 
 
 def build_bundle(out: Path, seed: int = 0, prefix: str | None = None) -> dict[str, np.ndarray]:
-    """Compile the dev model for aarch64-linux-gnu into `out` (lib/model.so, params/, config).
+    """Compile the dev model for aarch64-linux-gnu into `out` (lib/model.so, tensor cache, config).
     With ``prefix`` the library is a TVM system library with that symbol prefix (as the android
     target builds it), named in mlc-chat-config.json like the android target does."""
     import tvm
@@ -205,11 +205,12 @@ def build_bundle(out: Path, seed: int = 0, prefix: str | None = None) -> dict[st
     ex.export_library(str(out / "lib" / "model.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
     p = random_params(seed)
     order = [name for name, _ in named]
-    tvmjs.dump_tensor_cache({n: p[n] for n in order}, str(out / "params"), encode_format="raw",
+    tvmjs.dump_tensor_cache({n: p[n] for n in order}, str(out), encode_format="raw",
                             show_progress=False)
     cfg = {"model_type": "minicpm", "vocab_size": VOCAB, "hidden_size": HIDDEN,
-           "context_window_size": 512, "prefill_chunk_size": 128, "model_lib": "lib/model.so"}
+           "context_window_size": 512, "prefill_chunk_size": 128,
+           "mcpm": {"libs": {"cpu": {"so": "lib/model.so", **({"prefix": prefix} if prefix else {})}}}}
     if prefix is not None:
-        cfg["model_lib"] = {"system_lib_prefix": prefix, "libs": {"cpu": {"so": "lib/model.so"}}}
+        cfg["model_lib"] = prefix.rstrip("_")
     (out / "mlc-chat-config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     return p

@@ -1,9 +1,10 @@
 // mcpm-run: load an mcpm-export TVM bundle on the device, prefill a prompt, decode greedily and
 // print one JSON object with timings. Any error: one "mcpm-run: error: ..." line, exit 1.
 //
-// Bundle layout (docs/DESIGN.md): mlc-chat-config.json, params/tensor-cache.json +
-// params/params_shard_*.bin, and a Relax VM model library (.so) with the functions
-// embed / prefill / decode / create_tir_paged_kv_cache. With --image (vision bundles): the image
+// Bundle layout (docs/DESIGN.md, MLC-LLM's flat layout): mlc-chat-config.json, tensor-cache.json +
+// params_shard_*.bin next to it, and a Relax VM model library (.so) with MLC-LLM's functions, called
+// the way MLC's engine calls them: embed -> [n, hidden] viewed [1, n, hidden] -> prefill / decode ->
+// (logits, kv_cache), around kv_state_begin_forward / end_forward. With --image (vision bundles): the image
 // path of vision.cc, vision/lib/<device>/vision.so's image_embed per encoded image, the features
 // spliced over the <unk> rows of embed(ids) before prefill.
 #include <sys/stat.h>
@@ -70,11 +71,13 @@ struct Options {
   long prompt_len = -1, gen_len = 16;
   int threads = 0;
   bool plan_only = false;
+  bool system_lib = false;  // the model library is linked into this program: SystemLib(prefix) only
 };
 
 static const char* kUsage =
     "usage: mcpm-run --bundle DIR (--prompt-ids 1,2,3 | --prompt-len N) [--gen-len M]\n"
-    "                [--threads T] [--lib PATH] [--device cpu|opencl] [--logits-out FILE] [--version]\n"
+    "                [--threads T] [--lib PATH | --system-lib] [--device cpu|opencl] [--logits-out FILE]\n"
+    "                [--version]\n"
     "       vision bundles: --image FILE.ppm (binary PPM P6) [--plan-only] [--dump-images DIR]\n"
     "                [--features-out FILE]; --prompt-ids / --prompt-len are then the text after the image\n";
 
@@ -100,6 +103,10 @@ static Options ParseArgs(int argc, char** argv) {
     }
     if (a == "--plan-only") {
       o.plan_only = true;
+      continue;
+    }
+    if (a == "--system-lib") {  // as MLC's apps link libmodel_android.a: no dlopen, SystemLib(prefix)
+      o.system_lib = true;
       continue;
     }
     if (i + 1 >= argc) throw Fail("unknown or incomplete argument '" + a + "' (see --help)");
@@ -238,19 +245,28 @@ static std::string JsonStr(const json::Object& cfg, const std::vector<std::strin
   return str ? std::string(*str) : "";
 }
 
-// The model library: --lib, else mlc-chat-config.json "model_lib" (a path, or an object whose
-// libs.<device>.so is one), else lib/<device>/model.so, lib/model.so, model.so.
+// The model library: --lib, else mlc-chat-config.json mcpm.libs.<device>.so, else
+// lib/<device>/model.so, lib/model.so, model.so.
 static std::string FindLib(const Options& o, const json::Object& cfg) {
   if (!o.lib.empty()) {
     if (!Exists(o.lib)) throw Fail("model library not found: " + o.lib);
     return o.lib;
   }
-  std::vector<std::string> rels = {JsonStr(cfg, {"model_lib"}), JsonStr(cfg, {"model_lib", "libs", o.device, "so"}),
-                                   "lib/" + o.device + "/model.so", "lib/model.so", "model.so"};
+  std::vector<std::string> rels = {JsonStr(cfg, {"mcpm", "libs", o.device, "so"}), "lib/" + o.device + "/model.so",
+                                   "lib/model.so", "model.so"};
   for (const std::string& rel : rels)
     if (!rel.empty() && Exists(o.bundle + "/" + rel)) return o.bundle + "/" + rel;
   throw Fail("no model library for device " + o.device + " in bundle " + o.bundle + " (looked for mlc-chat-config.json "
-             "model_lib, lib/" + o.device + "/model.so, lib/model.so, model.so; or pass --lib)");
+             "mcpm.libs." + o.device + ".so, lib/" + o.device + "/model.so, lib/model.so, model.so; or pass --lib)");
+}
+
+// The system-lib prefix of the device's library: mcpm.libs.<device>.prefix, else MLC's rule for the
+// string model_lib ("system://<model_lib>" loads SystemLib(model_lib + "_")).
+static std::string LibPrefix(const Options& o, const json::Object& cfg) {
+  std::string p = JsonStr(cfg, {"mcpm", "libs", o.device, "prefix"});
+  if (!p.empty()) return p;
+  std::string lib = JsonStr(cfg, {"model_lib"});
+  return lib.empty() ? "" : lib + "_";
 }
 
 static int32_t Argmax(const Tensor& logits, std::vector<float>* buf) {
@@ -303,14 +319,16 @@ struct Vm {
 // A Relax VM library (shared, or a system library whose symbols live under `prefix`), initialised
 // for dev then the host (2 = pooled allocator).
 static Vm LoadVm(const std::string& lib, const std::string& prefix, DLDevice dev) {
-  ffi::Module dso = LoadLib(lib), exe = dso;
+  ffi::Module dso = lib.empty() ? Global("ffi.SystemLib")(ffi::String(prefix)).cast<ffi::Module>() : LoadLib(lib);
+  ffi::Module exe = dso;
   auto load_exe = exe->GetFunction("vm_load_executable", true);
   if (!load_exe) {  // a system library: loading it registered its symbols under the prefix
     exe = Global("ffi.SystemLib")(ffi::String(prefix)).cast<ffi::Module>();
     load_exe = exe->GetFunction("vm_load_executable", true);
   }
+  if (!load_exe && lib.empty()) throw Fail("no system library with prefix '" + prefix + "' is linked into this program");
   if (!load_exe) throw Fail("not a Relax VM library (no vm_load_executable): " + lib);
-  Vm v{dso, (*load_exe)().cast<ffi::Module>(), lib};
+  Vm v{dso, (*load_exe)().cast<ffi::Module>(), lib.empty() ? "system-lib " + prefix : lib};
   (*v.vm->GetFunction("vm_initialization", false))(static_cast<int>(dev.device_type), 0, 2, static_cast<int>(kDLCPU), 0, 2);
   return v;
 }
@@ -460,8 +478,8 @@ static int Run(const Options& o) {
     if (vocab > 0 && t >= vocab) throw Fail("prompt token id " + std::to_string(t) + " >= vocab_size " + std::to_string(vocab));
   int64_t total = static_cast<int64_t>(prompt.size()) + o.gen_len;
   if (total > ctx) throw Fail("prompt + gen-len = " + std::to_string(total) + " exceeds context_window_size " + std::to_string(ctx));
-  std::string lib = FindLib(o, cfg);
-  std::string params_dir = o.bundle + "/params";
+  std::string lib = o.system_lib ? "" : FindLib(o, cfg);
+  std::string params_dir = o.bundle;  // MLC: the tensor cache sits next to mlc-chat-config.json
   json::Object cache = CheckShards(params_dir);
   json::Object vcache = vision ? CheckShards(vb.dir + "/params") : json::Object();
   if (vision && !Exists(vb.lib)) throw Fail("vision library not found for device " + o.device + ": " + vb.lib);
@@ -473,7 +491,7 @@ static int Run(const Options& o) {
   if (!o.logits_out.empty() && !(dump = std::fopen(o.logits_out.c_str(), "wb")))
     throw Fail("cannot write --logits-out " + o.logits_out);
   auto t0 = clock::now();
-  Vm model = LoadVm(lib, JsonStr(cfg, {"model_lib", "system_lib_prefix"}), dev);
+  Vm model = LoadVm(lib, LibPrefix(o, cfg), dev);
   ffi::Function f_embed = model.Need("embed"), f_prefill = model.Need("prefill"), f_decode = model.Need("decode");
   ffi::Function f_create = model.Need("create_tir_paged_kv_cache");
   ffi::Array<Tensor> params = LoadParams(model, params_dir, cache, dev);
@@ -528,9 +546,11 @@ static int Run(const Options& o) {
   auto forward = [&](const Tensor& emb, int64_t n, bool is_prefill) {
     Tensor emb3 = View(emb, ffi::Shape({1, n, emb.shape()[emb.ndim() - 1]}));
     f_begin(kv, ffi::Shape({0}), ffi::Shape({n}));
-    Tensor logits = (is_prefill ? f_prefill : f_decode)(emb3, kv, params).cast<Tensor>();
+    ffi::Any ret = (is_prefill ? f_prefill : f_decode)(emb3, kv, params);
     f_end(kv);
-    return logits;
+    auto tup = ret.try_cast<ffi::Array<ffi::Any>>();  // MLC's contract: (logits, kv_cache)
+    if (!tup || tup->size() != 2) throw Fail("prefill/decode must return (logits, kv_cache): " + model.lib);
+    return (*tup)[0].cast<Tensor>();
   };
   std::vector<float> buf;
   std::vector<int32_t> out;

@@ -371,34 +371,9 @@ def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndar
     from exporter.vision.multimodal import splice
 
     check_generation(max_new_tokens, len(ids), model.context_window, "image prompt")
-    g = tvm.get_global_func
-    begin, end = g("vm.builtin.kv_state_begin_forward"), g("vm.builtin.kv_state_end_forward")
-    S, dev = tvm.runtime.ShapeTuple, model.dev
-
-    def step(kv, embeds: np.ndarray, fn: str) -> np.ndarray:
-        begin(kv, S([0]), S([embeds.shape[1]]))
-        logits = model.vm[fn](tvm.runtime.tensor(np.ascontiguousarray(embeds), dev), kv, model.params)
-        end(kv)
-        return logits.numpy()[0, -1]
-
-    def embed(tokens: list[int]) -> np.ndarray:
-        return model.vm["embed"](tvm.runtime.tensor(np.asarray(tokens, dtype="int32"), dev), model.params).numpy()
-
-    kv = model.new_cache()
-    t0 = time.perf_counter()
-    embeds = splice(embed(ids), starts, feats, query_num)
-    for s in range(0, len(ids), model.prefill_chunk):
-        logits = step(kv, embeds[:, s:s + model.prefill_chunk], "prefill")
-    t1 = time.perf_counter()
-    out, steps = [], []
-    for i in range(max_new_tokens):
-        steps.append(logits)
-        out.append(int(np.argmax(logits)))
-        if (eos_id is not None and out[-1] == eos_id) or i == max_new_tokens - 1:
-            break
-        logits = step(kv, embed([out[-1]]), "decode")
-    t2 = time.perf_counter()
-    return {"tokens": out, "logits": steps, "prefill_s": t1 - t0, "decode_s": t2 - t1}
+    gen = model.generate(ids, max_new_tokens, eos_id,
+                         embed_hook=lambda embeds: splice(embeds, starts, feats, query_num))
+    return {"tokens": gen.tokens, "logits": gen.logits, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}
 
 
 def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:

@@ -36,10 +36,10 @@ def test_bench_two_handsets_and_incremental_push(adb_server, fake_handset, fixtu
         assert h["summary"]["pp_tok_s"]["n"] == 2 and h["summary"]["pp_tok_s"]["mean"] > 0
         assert h["summary"]["threads"] == 2
         assert all(t["thermal_before"]["battery_c"] is not None for t in h["trials"])
-        assert sorted(h["pushed_files"]) == sorted(["manifest.json", "mlc-chat-config.json", "params/params_shard_0.bin",
-                                                    "params/tensor-cache.json", "runner/mcpm-run"])
-        remote = handset.host_path(f"{REMOTE_BASE}/{bundle.name}/params/params_shard_0.bin")
-        assert remote.read_bytes() == (bundle / "params/params_shard_0.bin").read_bytes()
+        assert sorted(h["pushed_files"]) == sorted(["manifest.json", "mlc-chat-config.json", "params_shard_0.bin",
+                                                    "tensor-cache.json", "runner/mcpm-run"])
+        remote = handset.host_path(f"{REMOTE_BASE}/{bundle.name}/params_shard_0.bin")
+        assert remote.read_bytes() == (bundle / "params_shard_0.bin").read_bytes()
         runs = [c for c in handset.commands if "./runner/mcpm-run" in c]
         assert handset.runner_runs == len(runs) == 3  # 1 warm-up + 2 trials
         assert "--bundle . --prompt-len 16 --gen-len 4 --threads 2" in runs[0]
@@ -60,7 +60,7 @@ def test_bench_two_handsets_and_incremental_push(adb_server, fake_handset, fixtu
     (bundle / "mlc-chat-config.json").write_text('{"vocab_size": 4096}')
     manifest = json.loads((bundle / "manifest.json").read_text())
     write_test_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("schema", "files")})
-    stale = h1.host_path(f"{REMOTE_BASE}/{bundle.name}/params/old_shard.bin")
+    stale = h1.host_path(f"{REMOTE_BASE}/{bundle.name}/old_shard.bin")
     stale.write_bytes(b"old")
     report, _, _ = _bench(adb_server, bundle, tmp_path / "out3", [s1], repeat=1, warmup=0)
     assert report["handsets"][0]["pushed_files"] == ["manifest.json", "mlc-chat-config.json"]
@@ -179,7 +179,7 @@ def test_cli_bench_exit_status_and_reports(adb_server, fake_handset, fixture_run
 def test_tampered_bundle_is_never_pushed(adb_server, fake_handset, fixture_runner, make_bundle, tmp_path):
     h, serial = fake_handset()
     bundle = make_bundle(fixture_runner)
-    shard = bundle / "params" / "params_shard_0.bin"
+    shard = bundle / "params_shard_0.bin"
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated after the manifest was written
     with pytest.raises(ExportError, match=r"does not verify against its manifest: .*params_shard_0.bin: size"):
         bench(bundle, tmp_path / "out", serials=[serial], cfg=BenchConfig(repeat=1, warmup=0),

@@ -41,7 +41,7 @@ def test_pack_is_reproducible_and_normalized(tmp_path):
     libs = build_libs(tmp_path / "libs")
     b1 = assemble_bundle(tmp_path / "one" / NAME, libs)
     b2 = assemble_bundle(tmp_path / "two" / NAME, libs)
-    os.utime(b2 / "params" / "params_shard_0.bin", (12345, 12345))      # different mtimes and modes
+    os.utime(b2 / "params_shard_0.bin", (12345, 12345))      # different mtimes and modes
     (b2 / "lib" / "cpu" / "model.so").chmod(0o700)
     (b1 / "lib" / "cpu" / "model.so").chmod(0o755)
     a1, a2 = tmp_path / "a1.tar.gz", tmp_path / "a2.tar.gz"

@@ -149,12 +149,12 @@ def test_chunked_prefill_synthetic_prompt(runner_dir, dev_bundle):
 
 def _break(bundle: Path, how: str) -> None:
     if how == "truncated shard":
-        shard = bundle / "params" / "params_shard_0.bin"
+        shard = bundle / "params_shard_0.bin"
         shard.write_bytes(shard.read_bytes()[:1000])
     elif how == "missing shard":
-        (bundle / "params" / "params_shard_0.bin").unlink()
+        (bundle / "params_shard_0.bin").unlink()
     elif how == "missing index":
-        (bundle / "params" / "tensor-cache.json").unlink()
+        (bundle / "tensor-cache.json").unlink()
     elif how == "bad config":
         (bundle / "mlc-chat-config.json").write_text("{")
     elif how == "not a library":
@@ -165,8 +165,8 @@ def _break(bundle: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, args, expect", [
     ("truncated shard", [], "params_shard_0.bin is 1000 bytes"),
-    ("missing shard", [], "parameter shard missing: {b}/params/params_shard_0.bin"),
-    ("missing index", [], "parameter index not found: {b}/params/tensor-cache.json"),
+    ("missing shard", [], "parameter shard missing: {b}/params_shard_0.bin"),
+    ("missing index", [], "parameter index not found: {b}/tensor-cache.json"),
     ("bad config", [], "bundle config is not a JSON object: {b}/mlc-chat-config.json"),
     ("not a library", [], "cannot load model library {b}/lib/model.so"),
     ("no library", [], "no model library for device cpu in bundle {b}"),

@@ -89,9 +89,10 @@ def test_harmony_cpu_bundle(tmp_path):
     assert v["tokens_equal"] and v["new_tokens"] == VERIFY_TOKENS and v["max_abs_logit_diff"] <= v["logit_atol"]
     conf = json.loads((tmp_path / "mlc-chat-config.json").read_text())
     assert conf["context_window_size"] == 512 and conf["prefill_chunk_size"] == 64
-    assert conf["model_lib"]["system_lib_prefix"] == "mcpm_tiny_"
-    assert "tokenizer.model" in conf["tokenizer_files"] and (tmp_path / "tokenizer.model").is_file()
-    names = [n for n, _ in read_tensor_cache(tmp_path / "params")]
+    assert conf["model_lib"] == "mcpm_tiny" and conf["mcpm"]["libs"]["cpu"]["prefix"] == "mcpm_tiny_"
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        assert name in conf["tokenizer_files"] and (tmp_path / name).is_file()
+    names = [n for n, _ in read_tensor_cache(tmp_path)]
     assert names[0] == "tok_embeddings.q_weight" and "layers.7.feed_forward.w13.q_scale" in names
     assert not (tmp_path / "lib" / "opencl").exists()
 
@@ -108,8 +109,8 @@ def test_android_export_all_backends_and_run(tmp_path):
     assert manifest["backends"] == ["cpu", "opencl"] and manifest["opencl"]["executed"] is False
     assert manifest["verification"]["tokens_equal"]
     assert {"ppl_fp", "ppl_int4", "loss_pct"} <= set(manifest["quality"])
-    for backend in ("cpu", "opencl"):
-        check_aarch64_libs(out, backend, "mcpm_tiny_")
+    for backend, prefix in (("cpu", "mcpm_tiny_"), ("opencl", "mcpm_tiny_opencl_")):
+        check_aarch64_libs(out, backend, prefix)
     src = (out / "lib" / "opencl" / "kernels.cl").read_text()
     assert "__kernel void" in src and "mcpm_tiny_" in src
     assert "clang" in manifest["libs"]["opencl"]["compile_checked_with"]
@@ -122,7 +123,7 @@ def test_android_export_all_backends_and_run(tmp_path):
     # the host build of the bundle reproduces the PyTorch int4 reference run on the bundle's own weights
     ck = open_checkpoint(TINY)
     cfg = MiniCPMConfig.from_hf(ck.raw_config)
-    ref = MiniCPM.from_state_dict(cfg, bundle_state(dict(read_tensor_cache(out / "params")), cfg))
+    ref = MiniCPM.from_state_dict(cfg, bundle_state(dict(read_tensor_cache(out)), cfg))
     prompt = Tokenizer(out / "tokenizer.model").encode(VERIFY_PROMPT)
     assert res["prompt_tokens"] == len(prompt)
     want, _ = ref.generate(prompt, VERIFY_TOKENS, prefill_chunk=64)

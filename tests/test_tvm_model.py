@@ -85,10 +85,10 @@ def test_float16_kv_cache_matches_reference(tiny):
 def test_prefill_chunking_does_not_change_logits(built, tiny):
     _, _, model, ref, _, _ = built
     prompt = tiny[2]
-    whole = model.forward_chunks(model.new_cache(), prompt)          # chunks of 64
+    whole = model.forward_chunks(model.new_cache(), model.embed(prompt))          # chunks of 64
     model.prefill_chunk = 17
     try:
-        small = model.forward_chunks(model.new_cache(), prompt)      # chunks of 17
+        small = model.forward_chunks(model.new_cache(), model.embed(prompt))      # chunks of 17
     finally:
         model.prefill_chunk = CHUNK
     with torch.no_grad():

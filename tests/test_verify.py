@@ -59,7 +59,7 @@ def test_elf_reader_agrees_with_the_libraries(bundle):
 
 
 def test_tampered_truncated_missing_and_extra_files(bundle):
-    shard = bundle / "params" / "params_shard_0.bin"
+    shard = bundle / "params_shard_0.bin"
     data = bytearray(shard.read_bytes())
     data[100] ^= 1
     shard.write_bytes(bytes(data))
@@ -106,7 +106,12 @@ def test_symbol_prefix_must_be_in_the_libraries(tmp_path, libs):
            f"'aarch64-linux-android'" in problems
     assert f"{b / 'manifest.json'}: system_lib_prefix 'mcpm_tiny2_' does not match recipe 'tiny' " \
            f"(expected 'mcpm_tiny_')" in problems
-    assert any("mlc-chat-config.json: system_lib_prefix 'mcpm_tiny_' != manifest 'mcpm_tiny2_'" in p for p in problems)
+    conf = {"model_lib": {"system_lib_prefix": "mcpm_tiny_"}, "mcpm": {"libs": {"cpu": {"prefix": "mcpm_tiny2_"}}}}
+    b = assemble_bundle(tmp_path / "d", libs, chat_config=conf)      # MLC's apps need a string model_lib
+    assert verify_bundle(b) == [
+        f"{b / 'mlc-chat-config.json'}: model_lib must be a string (MLC's system-lib name), got "
+        f"{{'system_lib_prefix': 'mcpm_tiny_'}}",
+        f"{b / 'mlc-chat-config.json'}: mcpm.libs.cpu.prefix 'mcpm_tiny2_' != manifest 'mcpm_tiny_'"]
 
 
 def test_library_for_the_wrong_machine(tmp_path, libs):
@@ -152,12 +157,12 @@ def test_archives_truncated_renamed_or_tampered(bundle, tmp_path):
     shutil.copyfile(archive, renamed)
     assert verify_bundle(renamed) == [f"{renamed}: archive holds '{NAME}/', expected "
                                       f"'mcpm-tiny-android-q4f16_e8-v9.9.9/' (renamed archive?)"]
-    (bundle / "params" / "params_shard_0.bin").write_bytes(b"tampered")
+    (bundle / "params_shard_0.bin").write_bytes(b"tampered")
     bad = tmp_path / "bad" / archive.name
     bad.parent.mkdir()
     pack(bundle, bad, NAME)
     problems = verify_bundle(bad)
-    assert problems == [f"{bad}:{NAME}/params/params_shard_0.bin: size 8 != manifest 16384"]
+    assert problems == [f"{bad}:{NAME}/params_shard_0.bin: size 8 != manifest 16384"]
     # an archive whose member escapes its directory is refused, nothing is extracted outside
     evil = tmp_path / "evil" / f"{NAME}.tar.gz"
     evil.parent.mkdir()
@@ -172,7 +177,7 @@ def test_verify_cli_one_line_per_problem(bundle):
     runner = CliRunner()
     ok = runner.invoke(main, ["verify", str(bundle)])
     assert ok.exit_code == 0, ok.output
-    (bundle / "params" / "params_shard_0.bin").write_bytes(b"x")
+    (bundle / "params_shard_0.bin").write_bytes(b"x")
     (bundle / "extra.bin").write_bytes(b"x")
     bad = runner.invoke(main, ["verify", str(bundle)])
     assert bad.exit_code == 1
@@ -184,7 +189,7 @@ def test_verify_cli_one_line_per_problem(bundle):
 def test_run_refuses_a_bundle_that_does_not_verify(bundle):
     from targets.tvm.runner import run_bundle
 
-    (bundle / "params" / "params_shard_0.bin").write_bytes(b"x")
+    (bundle / "params_shard_0.bin").write_bytes(b"x")
     with pytest.raises(ExportError, match="bundle does not verify: .*params_shard_0.bin: size 1 != manifest"):
         run_bundle(bundle, "hello", 2)
 

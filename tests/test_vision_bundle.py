@@ -19,6 +19,7 @@ from exporter.vision.multimodal import reference_generate
 from exporter.vision.slicing import plan_image
 from targets.tvm_vision import (PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, VisionRunner, generate_with_image, image_prompt,
                                 reference_features, synthetic_image)
+from targets.tvm.target import MLC_VISION_NOTE
 from tests.support.tiny_minicpmv import tiny_recipe, write_tiny_minicpmv
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,16 @@ def test_bundle_layout_and_manifest(bundle):
     assert conf["weights"]["format"] == manifest["vision"]["weights"]["format"] == "q8"
     assert conf["weights"]["bytes"] < 0.5 * conf["weights"]["fp32_bytes"]
     assert conf["function"] == "image_embed" and conf["system_lib_prefix"] == "mcpm_v2_int4_vision_"
+    # MLC-LLM: the text model loads; images are refused cleanly (no vision_config, no image_embed in the text
+    # library: MLC's engine would embed (448/14)^2 = 1024 placeholder tokens, MiniCPM-V 2.0 uses 64 per slice)
+    mlc_conf = json.loads((out / "mlc-chat-config.json").read_text())
+    assert "vision_config" not in mlc_conf["model_config"] and mlc_conf["mcpm"]["vision"]["mlc"] == MLC_VISION_NOTE
+    assert mlc_conf["conv_template"]["roles"] == {"user": "<用户>", "assistant": "<AI>"}
+    import tvm
+    text_vm = tvm.runtime.load_module(str(out / "lib" / "host" / "model.so"))["vm_load_executable"]()
+    assert text_vm.implements_function("embed") and not text_vm.implements_function("image_embed")
+    vc = conf["config"]
+    assert (vc["scale_resolution"] // vc["patch"]) ** 2 != vc["query_num"]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,17 @@
 Same maths as exporter/model.py (the PyTorch reference, see docs/DESIGN.md); tests/test_tvm_model.py
 ties the two together so they cannot drift.
 
-Module functions (names fixed by DESIGN.md, all params "packed" = one tuple, last argument):
-  embed(input_ids int32[n], params)                  -> embeds float32[1, n, hidden]  (already * scale_emb)
-  prefill(embeds[1, n, hidden], kv_cache, params)    -> logits float32[1, 1, vocab]   (last position)
-  decode(embeds[1, 1, hidden], kv_cache, params)     -> logits float32[1, 1, vocab]
+Module functions: MLC-LLM's model-library contract (docs/DESIGN.md; all params "packed" = one tuple, last
+argument; every forward returns (logits, kv_cache) as MLC's engine expects):
+  embed(input_ids int32[n], params)                       -> embeds float32[n, hidden]  (already * scale_emb)
+  prefill(embeds[1, n, hidden], kv_cache, params)         -> (logits float32[1, 1, vocab] of the last position, kv)
+  decode(embeds[1, 1, hidden], kv_cache, params)          -> (logits float32[1, 1, vocab], kv)
+  batch_prefill(embeds[1, n, hidden], logit_positions int32[b], kv_cache, params)
+                                                          -> (logits float32[1, b, vocab], kv)
+  batch_decode(embeds[b, 1, hidden], kv_cache, params)    -> (logits float32[b, 1, vocab], kv)
   create_tir_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-                            support_sliding_window)  -> PagedKVCache (RoPE applied inside, rotate-half)
-  _metadata()                                        -> JSON string (params order, dims; see pipeline.py)
+                            support_sliding_window)       -> PagedKVCache (RoPE applied inside, rotate-half)
+(pipeline.export_ir adds _metadata, alloc_embedding_tensor and the sampling helpers of targets/tvm/mlc.py.)
 
 The dequantize pattern (for targets/tvm/kernels.py, the fused int4 kernels)
 ---------------------------------------------------------------------------
@@ -191,19 +195,28 @@ class MiniCPMTVM(nn.Module):
         return h
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        h = self.tok_embeddings.rows(input_ids) * float(self.cfg.scale_emb)
-        return op.reshape(h, (1, input_ids.shape[0], self.cfg.hidden_size))
+        return self.tok_embeddings.rows(input_ids) * float(self.cfg.scale_emb)
 
-    def prefill(self, embeds: Tensor, kv: PagedKVCache) -> Tensor:
+    def prefill(self, embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         def last(x: te.Tensor):
             b, s, d = x.shape
             return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_position")
 
         h = op.tensor_expr_op(last, "last_position", [self._body(embeds, kv)])
-        return self._logits(h)
+        return self._logits(h), kv
 
-    def decode(self, embeds: Tensor, kv: PagedKVCache) -> Tensor:
-        return self._logits(self._body(embeds, kv))
+    def decode(self, embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self._body(embeds, kv)), kv
+
+    def batch_prefill(self, embeds: Tensor, logit_positions: Tensor,
+                      kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Several sequences' chunks concatenated along dim 1; logits at ``logit_positions`` (each
+        sequence's last token)."""
+        h = op.take(self._body(embeds, kv), logit_positions, axis=1)
+        return self._logits(h), kv
+
+    def batch_decode(self, embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self._body(embeds, kv)), kv
 
     def create_tir_paged_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                                   prefill_chunk_size: tirx.Var, page_size: tirx.Var,
@@ -230,6 +243,9 @@ class MiniCPMTVM(nn.Module):
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **packed},
             "prefill": {"embeds": nn.spec.Tensor([1, "seq_len", h], DTYPE), "kv": kv, **packed},
             "decode": {"embeds": nn.spec.Tensor([1, 1, h], DTYPE), "kv": kv, **packed},
+            "batch_prefill": {"embeds": nn.spec.Tensor([1, "seq_len", h], DTYPE),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"), "kv": kv, **packed},
+            "batch_decode": {"embeds": nn.spec.Tensor(["batch_size", 1, h], DTYPE), "kv": kv, **packed},
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int,

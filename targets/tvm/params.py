@@ -4,7 +4,7 @@ Parameter names are the nn.Module paths of targets/tvm/model.py; the fused weigh
 canonical rows: ``attention.wqkv`` = wq;wk;wv, ``feed_forward.w13`` = w1;w3 (q4f16 rows are
 independent, so concatenating packed rows is exact).
 
-The on-disk format is TVM's tensor cache (``params/tensor-cache.json`` + ``params_shard_*.bin``,
+The on-disk format is TVM's tensor cache (``tensor-cache.json`` + ``params_shard_*.bin`` in the bundle root,
 format "raw-shard", records in the order of the model's packed params tuple), readable by
 ``tvm.contrib.tvmjs.load_tensor_cache`` and the runtime's ``vm.builtin.tensor_cache.load``.
 """

@@ -16,8 +16,6 @@ Lowering order for every build:
 """
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -29,9 +27,10 @@ from tvm.support import cc
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
-
 from exporter.quant import GROUP, Q4_PER_WORD
+from exporter.verify import expected_prefix
 
+from . import mlc
 from .model import KV_DTYPE, MiniCPMTVM, q4_at, q8_at
 from .reproducible import canonical_shape_funcs
 
@@ -40,13 +39,14 @@ TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
 # instructions (generic x86-64 calls a soft-float helper per weight: 8x slower decode).
 HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}
 # OpenCL device code; max_num_threads 256 / 32 KB shared memory fit both Adreno 6xx+ and Mali G7x+.
+DEFAULT_CONTEXT, DEFAULT_CHUNK = 2048, 128   # a recipe's context_window / prefill_chunk override these
 OPENCL_TARGET = {"kind": "opencl", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1}
 
 
-def system_lib_prefix(recipe: str) -> str:
-    """``mcpm_<recipe>_`` with non-alphanumerics replaced by ``_`` (DESIGN.md)."""
-    return "mcpm_" + re.sub(r"[^0-9A-Za-z]", "_", recipe) + "_"
+def system_lib_prefix(recipe: str, backend: str = "cpu") -> str:
+    """``mcpm_<recipe>_`` (cpu) / ``mcpm_<recipe>_opencl_`` (DESIGN.md): one app can link both libraries."""
+    return expected_prefix(recipe, backend)
 
 
 def make_target(backend: str, cpu_target: dict) -> tvm.target.Target:
@@ -55,21 +55,18 @@ def make_target(backend: str, cpu_target: dict) -> tvm.target.Target:
     return tvm.target.Target(cpu_target)
 
 
-def export_ir(cfg: MiniCPMConfig, scheme: str | None, target: tvm.target.Target,
-              metadata: dict | None = None, kv_dtype: str = KV_DTYPE) -> tuple[tvm.IRModule, list[tuple[str, tuple, str]]]:
-    """Relax IRModule of the model + the packed params (name, shape, dtype) in call order.
-    ``metadata`` (plus the params list) is returned by the module's ``_metadata()`` as JSON.
+def export_ir(cfg: MiniCPMConfig, scheme: str | None, target: tvm.target.Target, extra: dict | None = None,
+              context_window: int = DEFAULT_CONTEXT, prefill_chunk: int = DEFAULT_CHUNK, kv_dtype: str = KV_DTYPE,
+              ) -> tuple[tvm.IRModule, list[tuple[str, tuple, str]]]:
+    """Relax IRModule of the model with MLC-LLM's function contract (targets/tvm/mlc.py) + the packed
+    params (name, shape, dtype) in call order. ``_metadata()`` returns MLC's keys, ``extra`` under "mcpm".
     ``kv_dtype``: the paged KV cache's dtype (model.py)."""
     model = MiniCPMTVM(cfg, scheme, target, kv_dtype)
     mod, params = model.export_tvm(spec=model.spec())
     specs = [(name, tuple(int(x) for x in p.shape), str(p.dtype)) for name, p in params]
-    meta = dict(metadata or {})
-    meta["params"] = [{"name": n, "shape": list(s), "dtype": d} for n, s, d in specs]
-    meta["kv_dtype"] = kv_dtype
-    bb = relax.BlockBuilder(mod)
-    with bb.function("_metadata", params=[]):
-        bb.emit_func_output(relax.expr.String(json.dumps(meta, sort_keys=True)))
-    return bb.get(), specs
+    meta = mlc.metadata(cfg, scheme or "fp32", context_window, prefill_chunk, specs,
+                        {**(extra or {}), "kv_dtype": kv_dtype})
+    return mlc.attach(mod, cfg, prefill_chunk, target.kind.name != "llvm", meta), specs
 
 
 def kernels_available() -> bool:
@@ -151,8 +148,8 @@ def fuse_dequantize_matmul(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in updates.items():
         bb.update_func(gv, func)
     mod = bb.get()
-    entries = [gv.name_hint for gv, f in mod.functions.items()
-               if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+    entries = [gv.name_hint for gv, f in mod.functions.items()   # Relax entry points + exported TIR (mlc.py)
+               if f.attrs is not None and "global_symbol" in f.attrs]
     return relax.transform.DeadCodeElimination(entries)(mod)
 
 

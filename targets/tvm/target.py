@@ -1,15 +1,17 @@
-"""The android / harmony targets: compile, package and verify a TVM bundle (MLC-LLM-like layout).
+"""The android / harmony targets: compile, package and verify a TVM bundle in MLC-LLM's layout.
 
-Bundle (inside the staging directory handed over by exporter/bundle.py)::
+Bundle (inside the staging directory handed over by exporter/bundle.py; MLC's flat model folder)::
 
+  mlc-chat-config.json     as MLC-LLM reads it (string model_lib, full Conversation, model_config, version);
+                           this project's own keys under "mcpm" (libs per backend with their prefixes)
+  tensor-cache.json + params_shard_*.bin   TVM tensor cache, next to mlc-chat-config.json as MLC loads it
+  tokenizer.json, tokenizer_config.json (HF, with the chat template), tokenizer.model (+ ...)
+  mlc-package-config.json  an MLCChat mlc-package-config.json for this bundle (model_id, model_lib, VRAM)
   lib/cpu/model.tar        aarch64 objects, system library, symbols prefixed mcpm_<recipe>_
   lib/cpu/model.so         the same code as a shared object (clang + lld)
-  lib/opencl/model.tar|so  --backend opencl|all: OpenCL kernels + aarch64 host code
+  lib/opencl/model.tar|so  --backend opencl|all: OpenCL kernels + aarch64 host code, prefix mcpm_<recipe>_opencl_
   lib/opencl/kernels.cl    the OpenCL C source of those kernels (built and inspected here, not executed)
   lib/host/model.so        x86_64 build of the same model: verification and `mcpm-export run`
-  params/                  TVM tensor cache: tensor-cache.json + params_shard_*.bin
-  mlc-chat-config.json     model config, context window, prefill chunk, conv template, tokenizer files
-  tokenizer.model (+ tokenizer_config.json, ...)
 
 Verification (before the bundle may be finalized): greedy VERIFY_TOKENS tokens from the host build
 must equal the PyTorch reference run on the same (dequantized) weights, and every step's logits must
@@ -26,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.chat import get_chat_template
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
+from exporter.hf_tokenizer import write_hf_tokenizer
 from exporter.model import MiniCPM
 from exporter.progress import Progress
 from exporter.quant import QuantizedModel
@@ -35,7 +39,7 @@ from exporter.recipes import Recipe
 from exporter.tokenizer import Tokenizer
 from runner.build import install_runner
 
-from . import pipeline
+from . import mlc, pipeline
 from .params import tvm_params, write_tensor_cache
 from .presets import get_preset
 from .model import KV_DTYPE, kv_cache_bytes
@@ -54,8 +58,15 @@ VERIFY_PROMPT = (
     "structures and a simple but effective approach to object-oriented programming.\n\n"
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
     "    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "generation_config.json")
+MLC_CHAT_CONFIG_VERSION = "0.1.0"   # what MLC-LLM writes (mlc_llm/support/constants.py)
+# Why V bundles' images need this project's runner (mlc-chat-config.json mcpm.vision; README, DESIGN.md)
+MLC_VISION_NOTE = (
+    "MLC-LLM's engine embeds an image as (image_size/patch_size)^2 placeholder tokens through an image_embed(image "
+    "uint8[1,H,W,3], resize/crop sizes, params) in the text library; MiniCPM-V needs LLaVA-UHD slicing, 64 resampler "
+    "queries per slice between <image>/<slice> tokens and its own encoder library (vision/lib), which MLC cannot "
+    "drive. The text model works in MLC apps (model_config has no vision_config, so MLC refuses image input "
+    "cleanly); images: runner/mcpm-run --image or `mcpm-export run --image`.")
 
 
 @dataclass
@@ -71,33 +82,57 @@ class BuildRequest:
     reference: MiniCPM | None = None   # PyTorch model on the dequantized weights (built if None)
 
 
-def _write_config(req: BuildRequest, staging: Path, libs: dict, prefix: str, tok_files: list[str]) -> None:
-    cfg = req.config
+def _write_config(req: BuildRequest, staging: Path, libs: dict, model_lib: str, tok_files: list[str],
+                  specs: list[tuple[str, tuple, str]]) -> dict:
+    """mlc-chat-config.json as MLC-LLM parses it (protocol/mlc_chat_config.py, MLCChat's Gson ModelConfig)
+    and mlc-package-config.json; returns the package entry."""
+    cfg, recipe = req.config, req.recipe
+    tok = Tokenizer(req.tokenizer_dir / "tokenizer.model")
+    template = get_chat_template(recipe.conv_template)
+    shape = {"context_window_size": recipe.context_window, "prefill_chunk_size": recipe.prefill_chunk,
+             "tensor_parallel_shards": 1, "max_batch_size": mlc.MAX_BATCH_SIZE}
     conf = {
-        "model_type": "minicpm",
-        "quantization": req.recipe.quantization,
-        "model_config": cfg.to_dict(),
-        "vocab_size": cfg.vocab_size,
-        "context_window_size": req.recipe.context_window,
-        "prefill_chunk_size": req.recipe.prefill_chunk,
-        "sliding_window_size": -1,
-        "attention_sink_size": -1,
-        "tensor_parallel_shards": 1,
-        "max_batch_size": 1,
-        "temperature": 0.0,
-        "conv_template": {"name": req.recipe.conv_template},
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": 0,
+        "version": MLC_CHAT_CONFIG_VERSION, "model_type": "minicpm", "quantization": recipe.quantization,
+        "model_config": {**cfg.to_dict(), **shape},
+        "vocab_size": cfg.vocab_size, "context_window_size": recipe.context_window,
+        "sliding_window_size": -1, "prefill_chunk_size": recipe.prefill_chunk, "attention_sink_size": -1,
+        "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1,
+        "temperature": 0.0 if template.name == "plain" else 0.3, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0, "repetition_penalty": 1.0, "top_p": 0.8,
         "tokenizer_files": tok_files,
-        "tokenizer_info": {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": True,
-                           "strip_space_in_decode": True},
-        "model_lib": {"system_lib_prefix": prefix, "libs": libs, "page_size": PAGE_SIZE,
-                      "functions": ["embed", "prefill", "decode", "create_tir_paged_kv_cache", "_metadata"],
-                      "params": "params/tensor-cache.json (records are the packed params tuple, in order)"},
-        "version": "mcpm-export/tvm/1",
+        "tokenizer_info": {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
+                           "strip_space_in_decode": False},
+        "conv_template": template.mlc_conversation(tok.bos_id),
+        "pad_token_id": 0, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "model_task": "chat", "model_lib": model_lib,
+        "mcpm": {"recipe": recipe.name, "libs": libs, "page_size": PAGE_SIZE, "chat_template": template.name,
+                 "functions": [*mlc.KERNEL_FUNCTIONS, *mlc.MLC_FUNCTIONS],
+                 **({"vision": {"runner": "runner/mcpm-run --image", "mlc": MLC_VISION_NOTE}}
+                    if recipe.is_vision else {})},
     }
-    (staging / "mlc-chat-config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    (staging / "mlc-chat-config.json").write_text(json.dumps(conf, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    entry = package_entry(recipe.name, model_lib, cfg, recipe, specs)
+    (staging / "mlc-package-config.json").write_text(json.dumps(
+        {"device": "android", "model_list": [entry],   # MLC packages HarmonyOS apps through its android flow
+         "model_lib_path_for_prepare_libs": {model_lib: libs[_mlc_backend(libs)]["tar"]}}, indent=2) + "\n")
+    return entry
+
+
+def _mlc_backend(libs: dict) -> str:
+    """The library MLC's engine loads by default on a phone: OpenCL when built, else the CPU one."""
+    return "opencl" if "opencl" in libs else "cpu"
+
+
+def package_entry(model_id: str, model_lib: str, cfg: MiniCPMConfig, recipe: Recipe,
+                  specs: list[tuple[str, tuple, str]]) -> dict:
+    """An MLCChat mlc-package-config.json ``model_list`` entry; estimated_vram_bytes = params + float32
+    KV cache of the context window + the largest temporary activation (mlc.memory_usage)."""
+    params = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in specs)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * recipe.context_window
+    return {"model": ".", "model_id": model_id, "model_lib": model_lib, "bundle_weight": True,
+            "estimated_vram_bytes": int(params + kv + max(mlc.memory_usage(cfg, recipe.prefill_chunk).values())),
+            "overrides": {"context_window_size": recipe.context_window,
+                          "prefill_chunk_size": recipe.prefill_chunk}}
 
 
 def _reference(req: BuildRequest) -> MiniCPM:
@@ -137,11 +172,9 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
         raise ExportError(f"unknown TVM platform '{req.platform}'")
     triple = pipeline.TRIPLES[req.platform]
     preset = get_preset(req.soc)
-    prefix = pipeline.system_lib_prefix(req.recipe.name)
     scheme = req.recipe.quantization
-    meta = {"model": "minicpm", "recipe": req.recipe.name, "quantization": scheme,
-            "context_window_size": req.recipe.context_window, "prefill_chunk_size": req.recipe.prefill_chunk,
-            "hidden_size": req.config.hidden_size, "vocab_size": req.config.vocab_size, "page_size": PAGE_SIZE}
+    extra = {"recipe": req.recipe.name, "page_size": PAGE_SIZE}
+    shape = {"context_window": req.recipe.context_window, "prefill_chunk": req.recipe.prefill_chunk}
     libs: dict[str, dict] = {}
     builds = {}
     log = req.progress.log
@@ -156,14 +189,15 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
             cpu_target = preset.llvm_target(triple)
             log(f"{backend}: {triple}, SoC preset {preset.name} (mcpu={preset.mcpu})")
             target = pipeline.make_target(backend, cpu_target)
-            mod, specs = pipeline.export_ir(req.config, scheme, target, {**meta, "backend": backend}, kv_dtype)
+            prefix = pipeline.system_lib_prefix(req.recipe.name, backend)
+            mod, specs = pipeline.export_ir(req.config, scheme, target, {**extra, "backend": backend}, **shape, kv_dtype=kv_dtype)
             builds[backend] = pipeline.compile_ir(mod, target, prefix=prefix)
-            libs[backend] = {"tar": f"lib/{backend}/model.tar", "so": f"lib/{backend}/model.so",
+            libs[backend] = {"tar": f"lib/{backend}/model.tar", "so": f"lib/{backend}/model.so", "prefix": prefix,
                              "target": cpu_target if backend == "cpu" else
                              {"device": pipeline.OPENCL_TARGET, "host": cpu_target}}
         log("host: x86_64 build for verification and `mcpm-export run`")
         host_target = pipeline.make_target("cpu", pipeline.HOST_TARGET)
-        mod, specs = pipeline.export_ir(req.config, scheme, host_target, {**meta, "backend": "host"}, kv_dtype)
+        mod, specs = pipeline.export_ir(req.config, scheme, host_target, {**extra, "backend": "host"}, **shape, kv_dtype=kv_dtype)
         host_ex = pipeline.compile_ir(mod, host_target)
         libs["host"] = {"so": "lib/host/model.so", "target": pipeline.HOST_TARGET}
 
@@ -184,15 +218,19 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
         (staging / "lib" / "host").mkdir(parents=True, exist_ok=True)
         pipeline.save_so(host_ex, staging / "lib" / "host" / "model.so", "x86_64")
         named = tvm_params(specs, req.weights)
-        log(f"params/: {len(named)} tensors, {sum(a.nbytes for _, a in named) / 1e6:.1f} MB")
-        write_tensor_cache(named, staging / "params", {"ParamSize": len(named), "ParamBytes":
-                                                       int(sum(a.nbytes for _, a in named))})
-        tok_files = []
+        log(f"tensor cache: {len(named)} tensors, {sum(a.nbytes for _, a in named) / 1e6:.1f} MB")
+        write_tensor_cache(named, staging, {"ParamSize": len(named), "ParamBytes":
+                                            int(sum(a.nbytes for _, a in named))})
+        tok_files = write_hf_tokenizer(req.tokenizer_dir / "tokenizer.model", staging,
+                                       get_chat_template(req.recipe.conv_template).jinja(),
+                                       model_max_length=req.recipe.context_window)
         for name in TOKENIZER_FILES:
-            if (req.tokenizer_dir / name).is_file():
+            if (req.tokenizer_dir / name).is_file() and name not in tok_files:
                 shutil.copyfile(req.tokenizer_dir / name, staging / name)
                 tok_files.append(name)
-        _write_config(req, staging, libs, prefix, tok_files)
+        model_lib = libs[_mlc_backend(libs)]["prefix"].rstrip("_")
+        entry = _write_config(req, staging, libs, model_lib, tok_files, specs)
+        log("mlc-package-config.json model_list entry: " + json.dumps(entry))
         runner_keys = install_runner(staging, say=log)   # runner/mcpm-run + its loader and libraries
 
     with req.progress.stage("verify"):
@@ -201,7 +239,8 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
             f"{report['max_abs_logit_diff']:.1e} (bound {report['logit_atol']:.0e}, int4 kernels: {kernels})")
     return {"platform": req.platform, "triple": triple, "backends": list(BACKENDS[req.backend]),
             "soc": {"preset": preset.name, "mcpu": preset.mcpu, "mattr": list(preset.mattr)},
-            "system_lib_prefix": prefix, "libs": libs, "kv_cache": kv_cache, "verification": report, **runner_keys,
+            "system_lib_prefix": pipeline.system_lib_prefix(req.recipe.name), "libs": libs, "kv_cache": kv_cache,
+            "mlc": {"model_lib": model_lib, "package_entry": entry}, "verification": report, **runner_keys,
             **({"opencl": {"built": True, "executed": False, "note": OPENCL_NOTE}}
                if "opencl" in BACKENDS[req.backend] else {})}
 

@@ -38,17 +38,19 @@ def build_libs(root: Path) -> Path:
     return root
 
 
-def assemble_bundle(dest: Path, libs: Path, prefix_libs: str = "tiny", manifest_extra: dict | None = None) -> Path:
+def assemble_bundle(dest: Path, libs: Path, prefix_libs: str = "tiny", manifest_extra: dict | None = None,
+                    chat_config: dict | None = None) -> Path:
     with Staging(dest, force=True) as st:
         shutil.copytree(libs / prefix_libs / "lib", st.dir / "lib")
-        (st.dir / "params").mkdir()
-        (st.dir / "params" / "params_shard_0.bin").write_bytes(bytes(range(256)) * 64)
-        (st.dir / "mlc-chat-config.json").write_text(json.dumps({"model_lib": {"system_lib_prefix": "mcpm_tiny_"}}))
+        (st.dir / "params_shard_0.bin").write_bytes(bytes(range(256)) * 64)
+        (st.dir / "mlc-chat-config.json").write_text(json.dumps(chat_config or
+            {"model_lib": "mcpm_tiny", "mcpm": {"libs": {"cpu": {"prefix": "mcpm_tiny_"}, "host": {}}}}))
         manifest = {
             "mcpm_export_version": "0.1.0", "recipe": "tiny", "target": "android",
             "quantization": {"scheme": "q4f16_e8"}, "quality": {}, "source": {"checkpoint_fingerprint": "x" * 16},
             "versions": tool_versions(), "system_lib_prefix": "mcpm_tiny_", "triple": "aarch64-linux-android",
-            "backends": ["cpu"], "libs": {"cpu": {"tar": "lib/cpu/model.tar", "so": "lib/cpu/model.so"},
+            "backends": ["cpu"], "libs": {"cpu": {"tar": "lib/cpu/model.tar", "so": "lib/cpu/model.so",
+                                                  "prefix": "mcpm_tiny_"},
                                           "host": {"so": "lib/host/model.so"}},
             **(manifest_extra or {}),
         }
