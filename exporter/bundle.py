@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 from . import __version__
@@ -263,3 +265,27 @@ def check_files(bundle: Path, manifest: dict | None = None) -> list[str]:
     for rel in sorted(set(have) - set(want)):
         problems.append(f"{bundle / rel}: not listed in the manifest")
     return problems
+
+
+# ---------------------------------------------------------------- reproducible archives
+def normalize_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+    return info
+
+
+def normalize_tar(path: Path) -> None:
+    """Rewrite a .tar in place with sorted members and normalized metadata (tools such as TVM's
+    export_library stamp the build time and user into it)."""
+    path = Path(path)
+    with tarfile.open(path) as src:
+        members = sorted((m for m in src.getmembers() if m.isfile() or m.isdir()), key=lambda m: m.name)
+        data = {m.name: src.extractfile(m).read() for m in members if m.isfile()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as dst:
+        for m in members:
+            body = data.get(m.name)
+            dst.addfile(normalize_member(m), io.BytesIO(body) if body is not None else None)
+    os.replace(tmp, path)

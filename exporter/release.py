@@ -8,7 +8,6 @@ written under a temporary name, verified (exporter.verify) and only then renamed
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import shutil
 import tarfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .bundle import sha256_file
+from .bundle import normalize_member, sha256_file
 from .errors import ExportError
 from .progress import Progress
 from .recipes import KNOWN_TARGETS, Recipe, get_recipe
@@ -72,29 +71,6 @@ def conflicts(out: Path, items: list[ReleaseItem]) -> list[Path]:
     return found
 
 
-def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
-    return info
-
-
-def normalize_tar(path: Path) -> None:
-    """Rewrite a .tar in place with sorted members and normalized metadata (tools such as TVM's
-    export_library stamp the build time and user into it)."""
-    path = Path(path)
-    with tarfile.open(path) as src:
-        members = sorted((m for m in src.getmembers() if m.isfile() or m.isdir()), key=lambda m: m.name)
-        data = {m.name: src.extractfile(m).read() for m in members if m.isfile()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as dst:
-        for m in members:
-            body = data.get(m.name)
-            dst.addfile(_normalize(m), io.BytesIO(body) if body is not None else None)
-    os.replace(tmp, path)
-
-
 def pack(bundle: Path, archive: Path, top: str) -> None:
     """Reproducible .tar.gz of ``bundle`` as ``top/...`` (regular files and directories only)."""
     entries = [bundle] + sorted(bundle.rglob("*"), key=lambda p: p.relative_to(bundle).as_posix())
@@ -106,7 +82,7 @@ def pack(bundle: Path, archive: Path, top: str) -> None:
                 raise ExportError(f"{p}: only regular files and directories can be released")
             rel = p.relative_to(bundle).as_posix()
             arcname = top if rel == "." else f"{top}/{rel}"
-            info = _normalize(tar.gettarinfo(str(p), arcname))
+            info = normalize_member(tar.gettarinfo(str(p), arcname))
             if p.is_file():
                 with open(p, "rb") as f:
                     tar.addfile(info, f)

@@ -287,13 +287,12 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
     from targets.tvm import pipeline
     from targets.tvm.params import write_tensor_cache
     from targets.tvm.presets import get_preset
-    from targets.tvm.target import BACKENDS
 
     say = (lambda stage, msg: progress.log(f"{stage}: {msg}")) if progress is not None else (lambda s, m: None)
     if platform not in pipeline.TRIPLES:
         raise ExportError(f"unknown TVM platform '{platform}'")
-    if backend not in BACKENDS:
-        raise ExportError(f"--backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    if backend not in pipeline.BACKENDS:
+        raise ExportError(f"--backend: unknown backend '{backend}' (known: {', '.join(pipeline.BACKENDS)})")
     ck = load_minicpmv(checkpoint_dir, recipe)
     vcfg, vision = ck.vision_config, ck.vision_model()
     text_tok = Tokenizer(ck.checkpoint.tokenizer_path)
@@ -312,7 +311,7 @@ def build_vision(checkpoint_dir: Path, recipe, staging: Path, platform: str, bac
                      kernels="targets/tvm/microkernels/q4_matmul.c vq8_*",
                      fp32="patch embedding, position embedding, biases, norms, resampler queries")
     libs = {}
-    for b in BACKENDS[backend]:
+    for b in pipeline.BACKENDS[backend]:
         say("vision", f"compile {b}: {triple}")
         target = pipeline.make_target(b, preset.llvm_target(triple))
         ex = compile_vision(mod, target, prefix=prefix)

@@ -176,7 +176,7 @@ def open_bundle(bundle: Path) -> ChatSession:
     """A ChatSession on an exported ios bundle: package, manifest, tokenizer.json, chat template."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .target import PACKAGE
+    from .side_files import PACKAGE
 
     bundle = Path(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -25,6 +25,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.support import cc
 
+from exporter.bundle import normalize_tar
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.quant import GROUP, Q4_PER_WORD
@@ -39,6 +40,7 @@ TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
 # instructions (generic x86-64 calls a soft-float helper per weight: 8x slower decode).
 HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}
 # OpenCL device code; max_num_threads 256 / 32 KB shared memory fit both Adreno 6xx+ and Mali G7x+.
+BACKENDS = {"cpu": ("cpu",), "opencl": ("opencl",), "all": ("cpu", "opencl")}   # --backend -> builds
 DEFAULT_CONTEXT, DEFAULT_CHUNK = 2048, 128   # a recipe's context_window / prefill_chunk override these
 OPENCL_TARGET = {"kind": "opencl", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1}
@@ -209,8 +211,6 @@ def compile_ir(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None 
 
 def save_tar(ex: relax.VMExecutable, path: Path) -> None:
     """Static form (for linking into an app): a .tar of aarch64 objects, symbols under the prefix."""
-    from exporter.release import normalize_tar
-
     ex.export_library(str(path))
     normalize_tar(path)   # reproducible: TVM's tar stamps member mtimes and the build user
 

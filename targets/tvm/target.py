@@ -45,7 +45,7 @@ from .presets import get_preset
 from .model import KV_DTYPE, kv_cache_bytes
 from .runner import PAGE_SIZE, TVMModel
 
-BACKENDS = {"cpu": ("cpu",), "opencl": ("opencl",), "all": ("cpu", "opencl")}
+BACKENDS = pipeline.BACKENDS
 VERIFY_TOKENS = 64
 # Bounds on max |logit(host build) - logit(PyTorch)| over all verified steps; tiny's logits are O(10).
 LOGIT_ATOL = 2e-3          # plain pipeline, fp32 everywhere: measured 1.7e-5..2.1e-5 on tiny
