@@ -103,18 +103,26 @@ def check_against_sentencepiece(hf: HFTokenizer, sp: Tokenizer, texts: list[str]
 
 
 def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, chat_template: str | None, *,
-                       model_max_length: int | None = None) -> list[str]:
-    """Write tokenizer.json and tokenizer_config.json into out_dir; returns the file names written."""
+                       model_max_length: int | None = None, strict: bool = True,
+                       say=lambda msg: None) -> list[str]:
+    """Write tokenizer.json and tokenizer_config.json into out_dir; returns the file names written.
+    ``strict=False`` (runtimes that read tokenizer.model too, such as MLC-LLM's): a tokenizer.json that
+    disagrees with SentencePiece is left out (``say`` tells why) instead of stopping the export."""
     hf = build_hf_tokenizer(tokenizer_model)
     sp = Tokenizer(tokenizer_model)
     probe = PROBE_TEXT.read_text(encoding="utf-8")[:20000]
     # user-defined pieces (e.g. chat role markers) are added tokens here: the text around them is
     # normalized piece by piece, as swift-transformers does, which SentencePiece may not match
     user = [t.content for t in hf.get_added_tokens_decoder().values() if not t.special][:32]
-    check_against_sentencepiece(hf, sp, [probe, *PROBE_EXTRA, *(f"{u}hello {u} world{u}" for u in user)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save(str(out_dir / "tokenizer.json"))
+    try:
+        check_against_sentencepiece(hf, sp, [probe, *PROBE_EXTRA, *(f"{u}hello {u} world{u}" for u in user)])
+        hf.save(str(out_dir / "tokenizer.json"))
+    except ExportError as e:
+        if strict:
+            raise
+        say(f"tokenizer.json left out ({e}); tokenizer.model is the tokenizer")
     piece = sp.sp.IdToPiece
     config = {
         "tokenizer_class": "LlamaTokenizer",
@@ -131,7 +139,7 @@ def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, chat_template: str 
         config["chat_template"] = chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-    return list(FILES)
+    return [name for name in FILES if (out_dir / name).is_file()]
 
 
 def _added(token: AddedToken) -> dict:

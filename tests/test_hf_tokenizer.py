@@ -91,6 +91,10 @@ def test_user_defined_pieces_are_checked(tmp_path):
     bad.write_bytes(proto.SerializeToString())
     with pytest.raises(ExportError, match="disagrees with tokenizer.model"):
         write_hf_tokenizer(bad, tmp_path / "out", None)
+    said = []                           # android/harmony (MLC reads tokenizer.model too): left out, said why
+    assert write_hf_tokenizer(bad, tmp_path / "lenient", None, strict=False, say=said.append) == \
+        ["tokenizer_config.json"]
+    assert not (tmp_path / "lenient" / "tokenizer.json").exists() and "disagrees" in said[0]
     proto.normalizer_spec.add_dummy_prefix = False                  # then the two agree
     bad.write_bytes(proto.SerializeToString())
     assert write_hf_tokenizer(bad, tmp_path / "out", None) == ["tokenizer.json", "tokenizer_config.json"]

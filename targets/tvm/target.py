@@ -223,7 +223,7 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
                                             int(sum(a.nbytes for _, a in named))})
         tok_files = write_hf_tokenizer(req.tokenizer_dir / "tokenizer.model", staging,
                                        get_chat_template(req.recipe.conv_template).jinja(),
-                                       model_max_length=req.recipe.context_window)
+                                       model_max_length=req.recipe.context_window, strict=False, say=log)
         for name in TOKENIZER_FILES:
             if (req.tokenizer_dir / name).is_file() and name not in tok_files:
                 shutil.copyfile(req.tokenizer_dir / name, staging / name)
