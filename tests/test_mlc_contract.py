@@ -44,7 +44,7 @@ def bundle(tmp_path_factory):
     keys = build_bundle(req, out)
     ref = MiniCPM.from_state_dict(req.config, req.weights.dequantized())
     host = pipeline.make_target("cpu", pipeline.HOST_TARGET)
-    mod, _ = pipeline.export_ir(req.config, req.recipe.quantization, host, {}, 512, 64)
+    mod, _ = pipeline.export_ir(req.config, req.recipe.quantization, host, {}, 512, 64, kv_dtype="float32")
     pipeline.compile_ir(mod, host, use_kernels=False).export_library(str(out.parent / "plain.so"))
     return out, keys, ref
 
