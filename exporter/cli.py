@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
 from functools import wraps
 from pathlib import Path
@@ -18,10 +19,20 @@ from .recipes import KNOWN_QUANTIZERS, KNOWN_SCHEMES, KNOWN_TARGETS, get_recipe,
 from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that it unwinds like Ctrl-C (staging removed, locks released)."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def user_errors(fn):
-    """ExportError (and a full disk) -> one line on stderr, exit 1; Ctrl-C / SIGINT -> exit 130."""
+    """ExportError (and a full disk) -> one line on stderr, exit 1; Ctrl-C / SIGINT -> exit 130;
+    SIGTERM -> the same clean unwinding, exit 143."""
     @wraps(fn)
     def wrapper(*a, **kw):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*a, **kw)
         except ExportError as e:
@@ -30,6 +41,8 @@ def user_errors(fn):
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             fail(f"{e.filename or 'a write'}: no space left on the device")
+        except Terminated:
+            fail("terminated", status=128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", status=130)
     return wrapper

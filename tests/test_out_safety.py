@@ -1,5 +1,5 @@
 """--out loses nothing (issue 12): the output lock between two real export processes, Ctrl-C (a real
-SIGINT) and SIGKILL mid-export, --force replacing atomically and only a bundle, mount points, a
+SIGINT), SIGTERM and SIGKILL mid-export, --force replacing atomically and only a bundle, mount points, a
 read-only filesystem and a full one (real tmpfs mounts; skipped where the machine cannot mount)."""
 import os
 import signal
@@ -73,6 +73,15 @@ def test_lock_sigint_and_sigkill_leave_nothing(tmp_path):
     _, err = a.communicate(timeout=300)
     assert a.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
+    assert not out.exists()
+    nothing_partial(tmp_path)
+
+    b = start_export(out)
+    wait_for(tmp_path / f".b.partial-{b.pid}", b)
+    b.terminate()                                      # SIGTERM (a CI job cancelled, a service stopped)
+    _, err = b.communicate(timeout=300)
+    assert b.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in err
     assert not out.exists()
     nothing_partial(tmp_path)
 
