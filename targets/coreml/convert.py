@@ -25,7 +25,7 @@ import torch
 
 from exporter.errors import ExportError
 
-from .options import ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS  # noqa: F401  (imported from here too)
+from .options import BLOCK_SIZE, EMBEDDINGS
 from .palettize import LUT_GROUP, Lut6, table_lut_function
 from .patches import patched
 from .shipped import ShippedWeights, shipped_constants

@@ -116,20 +116,8 @@ class IOSTarget:
         tensors = ctx.quantized.tensors
         names = list(tensors)
         with ctx.progress.stage("coreml convert"):
-            # Memory (docs/ios.md): the shipped weights, dequantized to float32 one tensor at a time,
-            # are mapped from files (convert.spill_large), not held in memory.
-            source = model_from_state(cfg, {n: spill_large(torch.from_numpy(dequantize(t)))
-                                            for n, t in tensors.items()})
-            n_params = sum(p.numel() for p in source.parameters())
-            lut = tensors["tok_embeddings.weight"] if embedding == "lut6" else None
-            split = (torch.from_numpy(lut.rows()), torch.from_numpy(lut.row_scale.astype("float32"))) if lut else None
-            model = CoreMLMiniCPM(source, recipe.context_window, row_scaled_embedding=embedding == "lut6",
-                                  head_rows=opts.head_rows, row_split=split).eval()
-            del source, split
-            build_mlpackage(model, recipe.prefill_chunk, package, embedding,
-                            progress=lambda _stage, msg: ctx.progress.log(msg), spill=True, weights=tensors)
-            del model
-            gc.collect()
+            n_params = convert_weights(tensors, cfg, recipe.context_window, recipe.prefill_chunk, package,
+                                       embedding, opts.head_rows, lambda _stage, msg: ctx.progress.log(msg))
             deterministic_package_manifest(package)
         files = write_side_files(ctx, staging)
         with ctx.progress.stage("coreml verify"):
@@ -199,6 +187,26 @@ class IOSTarget:
                 "weights": "the centrally quantized and gated weights (targets/coreml/shipped.py: same codes "
                            "and scales, decompressed in float16)",
                 **report.to_dict(), "structure": {k: v for k, v in facts.items() if k != "fp32_constants"}}
+
+
+def convert_weights(tensors: dict, cfg, context: int, chunk: int, package: Path, embedding: str | None,
+                    head_rows: int | None = None, progress=lambda stage, msg: None) -> int:
+    """The .mlpackage holding ``tensors`` (QuantizedModel.tensors as shipped: QTensor codes and scales,
+    the Lut6 embedding, float16 arrays); returns the parameter count.
+
+    Memory (docs/ios.md): the weights, dequantized to float32 one tensor at a time for torch.export,
+    are mapped from files (convert.spill_large), not held in memory."""
+    source = model_from_state(cfg, {n: spill_large(torch.from_numpy(dequantize(t))) for n, t in tensors.items()})
+    n_params = sum(p.numel() for p in source.parameters())
+    lut = tensors["tok_embeddings.weight"] if embedding == "lut6" else None
+    split = (torch.from_numpy(lut.rows()), torch.from_numpy(lut.row_scale.astype("float32"))) if lut else None
+    model = CoreMLMiniCPM(source, context, row_scaled_embedding=embedding == "lut6", head_rows=head_rows,
+                          row_split=split).eval()
+    del source, split
+    build_mlpackage(model, chunk, package, embedding, progress=progress, spill=True, weights=tensors)
+    del model
+    gc.collect()
+    return n_params
 
 
 def deterministic_package_manifest(package: Path) -> None:
