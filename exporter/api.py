@@ -198,9 +198,7 @@ def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = N
             if reuse is not None:
                 reuse[key] = qm, report
         ctx = ExportContext(recipe=rec, config=config, checkpoint=ckpt, tokenizer_path=ckpt.tokenizer_path,
-                            plan=plan, quantized=qm, progress=progress,
-                            load_reference=lambda: MiniCPM.from_state_dict(
-                                config, ckpt.text_tensors(config, prefix)))
+                            plan=plan, quantized=qm, progress=progress)
         extra = backend.build(ctx, staging.dir)
         manifest = merge_manifest({
             "mcpm_export_version": tool_versions()["mcpm_export"], "recipe": rec.name, "target": target,

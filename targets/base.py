@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
@@ -89,12 +89,6 @@ class ExportContext:
     plan: ExportPlan
     quantized: QuantizedModel           # what the bundle ships (gated)
     progress: Progress
-    load_reference: Callable[[], MiniCPM]         # builds the fp32 reference (original weights)
-
-    @cached_property
-    def reference(self) -> MiniCPM:
-        """fp32 reference model, built on first use (a 2B model is 11 GB in fp32)."""
-        return self.load_reference()
 
     @cached_property
     def quant_reference(self) -> MiniCPM:

@@ -49,8 +49,8 @@ def test_bundle_layout_and_manifest(bundle, manifest):
     assert "last_index" in ml["chunking_rule"]
     assert manifest["verification"]["tokens_match"] is True
     assert manifest["verification"]["max_abs_logit_diff"] < LOGIT_BOUND
-    q = manifest["quality"]
-    assert q["ppl_int4"] > q["ppl_fp"] > 1 and q["loss_pct"] <= q["threshold_pct"]
+    q = manifest["quality"]         # GPTQ can beat the fp model on the 6 gate windows (tiny: -0.46%)
+    assert q["ppl_fp"] > 1 and 0.95 < q["ppl_int4"] / q["ppl_fp"] and q["loss_pct"] <= q["threshold_pct"]
     assert f"{PACKAGE}/Data/com.apple.CoreML/weights/weight.bin" in manifest["files"]
     embed = manifest["quantization"]["embedding"]
     assert embed["kind"] == "lut6" and embed["bits"] == 6 and embed["op"] == "constexpr_lut_to_dense"
