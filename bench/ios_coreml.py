@@ -4,8 +4,9 @@
     python3 bench/ios_coreml.py --width-2b 1 2 [--embeddings lut6 int8]
     python3 bench/ios_coreml.py --mem 1 2 [--embeddings lut6] [--json]
 
-Default mode: builds the package the `ios` target builds (GPTQ pre-rounding, int4 per-block 32 linears)
-with each embedding/head representation (lut6 = 6-bit palettized, int8, int4) and reports weight.bin
+Default mode: builds the package the `ios` target builds (the iOS plan's central quantization, shipped as
+int4 per-block 32 codes) with each embedding/head representation (lut6 = 6-bit palettized, int8, int4;
+the plan's quantization for each) and reports weight.bin
 bytes per parameter, perplexity of the weights the package holds (calibration gate windows and an
 evaluation text) and the build times. Linux cannot run Core ML, so there are no speed figures:
 perplexities use the package's decompressed weights in the PyTorch model.
@@ -39,17 +40,33 @@ from exporter import api  # noqa: E402
 from exporter.config import MiniCPMConfig  # noqa: E402
 from exporter.model import MiniCPM  # noqa: E402
 from exporter.quality import CALIBRATION_TEXT, perplexity  # noqa: E402
-from targets.coreml.convert import build_mlpackage, weight_file  # noqa: E402
+from exporter.quant import quantize_state_dict  # noqa: E402
+from targets.coreml.convert import weight_file  # noqa: E402
 from targets.coreml.mil_interp import Interpreter  # noqa: E402
-from targets.coreml.prequant import input_covariance, prequantize_state_dict  # noqa: E402
+from targets.coreml.options import IOSOptions  # noqa: E402
+from targets.coreml.target import IOS, convert_weights  # noqa: E402
 from targets.coreml.verify import package_state_dict  # noqa: E402
-from targets.coreml.wrapper import CoreMLMiniCPM  # noqa: E402
 
 
-def build(model: MiniCPM, context: int, chunk: int, embedding: str, pkg: Path) -> float:
+def plan_quantization(recipe, embedding: str):
+    return IOS.plan(recipe, IOSOptions(embedding=embedding)).quantization
+
+
+def random_weights(model: MiniCPM, embedding: str) -> dict:
+    """Shipped tensors of a random-weight model without calibration (round to nearest on the plan's
+    scheme, the plan's codecs): the sizes and memory are those of the real export."""
+    from exporter.recipes import get_recipe
+    q = plan_quantization(get_recipe("sft-int4"), embedding)
+    state = model.state_dict()
+    qm = quantize_state_dict(state, q.scheme, search=False)
+    for name, codec in q.codecs:
+        qm.tensors[name] = codec.encode(state[name])
+    return qm.tensors
+
+
+def build(tensors: dict, cfg, context: int, chunk: int, embedding: str, pkg: Path, progress=lambda s, m: None) -> float:
     t = time.perf_counter()
-    wrapper = CoreMLMiniCPM(model, context, row_scaled_embedding=embedding == "lut6").eval()
-    build_mlpackage(wrapper, chunk, pkg, embedding)
+    convert_weights(tensors, cfg, context, chunk, pkg, embedding, progress=progress)
     return time.perf_counter() - t
 
 
@@ -65,25 +82,25 @@ def quality(args) -> None:
         return (perplexity(model, gate, count=rec.gate_windows),
                 perplexity(model, evalt, count=args.windows))
 
-    t = time.perf_counter()
-    cov = input_covariance(lm.model, calib, rec.calibration_windows)
-    prequant = MiniCPM.from_state_dict(cfg, prequantize_state_dict(lm.model.state_dict(), cov))
-    t_prequant = time.perf_counter() - t
     fp = ppl(lm.model)
     rows = [("fp32 reference", "-", "-", fp)]
-    runs = [("plain Core ML rounding", lm.model, "int8")]
-    runs += [("GPTQ pre-rounding", prequant, e) for e in args.embeddings]
-    for label, source, embedding in runs:
+    t_quant = {}
+    for embedding in args.embeddings:
+        q = plan_quantization(rec, embedding)
+        t = time.perf_counter()
+        qm, _, _ = api.quantize(lm, q.scheme, quantizer=q.quantizer, codecs=dict(q.codecs), allow_quality_loss=True)
+        t_quant[embedding] = round(time.perf_counter() - t, 1)
+        label = f"{q.scheme.name} ({q.quantizer})"
         with tempfile.TemporaryDirectory() as tmp:
             pkg = Path(tmp) / "m.mlpackage"
-            t_build = build(source, rec.context_window, rec.prefill_chunk, embedding, pkg)
+            t_build = build(qm.tensors, cfg, rec.context_window, rec.prefill_chunk, embedding, pkg)
             size = weight_file(pkg).stat().st_size
             held = MiniCPM.from_state_dict(cfg, package_state_dict(Interpreter.from_package(pkg),
                                                                    list(lm.state)))
             rows.append((f"{label}, embedding {embedding}", f"{size / 1e6:.2f} MB",
                          f"{size / params:.3f}", ppl(held)))
             print(f"built {label} {embedding} in {t_build:.0f} s", file=sys.stderr)
-    print(f"{args.model}: {params / 1e6:.2f}M parameters; GPTQ pre-rounding {t_prequant:.1f} s; "
+    print(f"{args.model}: {params / 1e6:.2f}M parameters; quantization (s) {t_quant}; "
           f"perplexity on calibration gate windows ({rec.gate_windows} x 512) / "
           f"{Path(args.eval_text).name} ({args.windows} x 512)\n")
     print("| weights | weight.bin | bytes/param | ppl gate | ppl eval |")
@@ -116,7 +133,7 @@ def width_2b(args) -> None:
         for embedding in args.embeddings:
             with tempfile.TemporaryDirectory() as tmp:
                 pkg = Path(tmp) / "m.mlpackage"
-                seconds = build(model, 2048, 128, embedding, pkg)
+                seconds = build(random_weights(model, embedding), model.cfg, 2048, 128, embedding, pkg)
                 size = weight_file(pkg).stat().st_size
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             results[(layers, embedding)] = (params, size)
@@ -185,7 +202,7 @@ class RSSMonitor:
                 {k: round(self.anon[k], 2) for k in self.order})
 
 
-def mem_one(layers: int, embedding: str, verify_steps: int, spill: bool = True) -> dict:
+def mem_one(layers: int, embedding: str, verify_steps: int) -> dict:
     """Peak RSS per stage of one 2B-width conversion (run in a fresh process)."""
     import gc
     from targets.coreml.verify import numerics
@@ -195,9 +212,9 @@ def mem_one(layers: int, embedding: str, verify_steps: int, spill: bool = True) 
     model = model_2b(layers, distinct_norms=True)
     cfg = model.cfg
     names = list(model.state_dict())
-    mon.stage("wrapper")
-    wrapper = CoreMLMiniCPM(model, 2048, row_scaled_embedding=embedding == "lut6").eval()
-    del model       # as the ios target does: only the wrapper (and what it shares) stays
+    mon.stage("quantize (round to nearest)")
+    tensors = random_weights(model, embedding)
+    del model       # as the ios target does: only the shipped weights stay
     gc.collect()
     fn = {"name": ""}
 
@@ -211,11 +228,12 @@ def mem_one(layers: int, embedding: str, verify_steps: int, spill: bool = True) 
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "m.mlpackage"
         t = time.perf_counter()
-        build_mlpackage(wrapper, 128, pkg, embedding, progress=progress, spill=spill)
+        mon.stage("wrapper + spill")
+        build(tensors, cfg, 2048, 128, embedding, pkg, progress)
         build_s = time.perf_counter() - t
         size = weight_file(pkg).stat().st_size
         mon.stage("after build")
-        del wrapper
+        del tensors
         gc.collect()
         mon.stage("verify")
         t = time.perf_counter()
@@ -230,7 +248,7 @@ def mem_one(layers: int, embedding: str, verify_steps: int, spill: bool = True) 
     peaks, anon = mon.stop()
     return {"layers": layers, "embedding": embedding, "weight_bin": size, "build_s": round(build_s, 1),
             "verify_s": round(verify_s, 1), **verified,
-            "spill": spill, "peak_rss_gb": max(peaks.values()), "peak_anon_gb": max(anon.values()),
+            "peak_rss_gb": max(peaks.values()), "peak_anon_gb": max(anon.values()),
             "stages": peaks, "stages_anon": anon,
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
@@ -241,8 +259,7 @@ def mem(args) -> None:
     for layers in args.mem:
         for embedding in args.embeddings:
             out = subprocess.run([sys.executable, __file__, "--mem-one", str(layers), "--embeddings",
-                                  embedding, "--verify-steps", str(args.verify_steps)]
-                                 + ([] if args.spill else ["--no-spill"]),
+                                  embedding, "--verify-steps", str(args.verify_steps)],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             results.append(r)
@@ -268,12 +285,9 @@ def main() -> None:
     ap.add_argument("--mem", nargs="+", type=int, metavar="LAYERS")
     ap.add_argument("--mem-one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--verify-steps", type=int, default=32)
-    ap.add_argument("--no-spill", dest="spill", action="store_false",
-                    help="--mem: keep the float32 torch weights in anonymous memory")
     args = ap.parse_args()
     if args.mem_one:
-        print(json.dumps(mem_one(args.mem_one, (args.embeddings or ["lut6"])[0], args.verify_steps,
-                                 args.spill)))
+        print(json.dumps(mem_one(args.mem_one, (args.embeddings or ["lut6"])[0], args.verify_steps)))
         return
     if args.mem:
         args.embeddings = args.embeddings or ["lut6"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -13,11 +14,14 @@ from .errors import ExportError
 from .model import MiniCPM, check_generation
 from .progress import Progress
 from .quality import CALIBRATION_TEXT, WINDOW, QualityReport, gate, implausible, perplexity
-from .quant import GROUP, SCHEMES, QuantizedModel
+from .quant import SCHEMES, QuantizedModel, Scheme
 from .quantizers import QUANTIZERS
 from .recipes import Recipe, get_recipe
 from .streaming import quantize_streaming
 from .tokenizer import Tokenizer, read_text_file
+
+if TYPE_CHECKING:
+    from targets.base import ExportPlan, Target
 
 
 @dataclass
@@ -51,19 +55,20 @@ def load(recipe: str | Recipe, checkpoint: str | Path | None = None, prefix: str
 
 
 def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer, get, names: list[str],
-                    scheme: str | None = None, progress: Progress | None = None,
-                    allow_quality_loss: bool = False,
-                    quantizer: str | None = None) -> tuple[QuantizedModel, QualityReport | None]:
+                    scheme: "str | Scheme | None" = None, progress: Progress | None = None,
+                    allow_quality_loss: bool = False, quantizer: str | None = None,
+                    codecs: Mapping[str, object] | None = None) -> tuple[QuantizedModel, QualityReport | None]:
     """Stream the tensors (``get(canonical name)``) through calibration, quantization and the gate.
-    ``scheme`` / ``quantizer`` default to the recipe's."""
+    ``scheme`` / ``quantizer`` default to the recipe's; ``codecs`` (a target's own encoders for tensors
+    the scheme keeps float16) are applied before the gate, which measures the result."""
     progress = progress or Progress(quiet=True)
-    sch = SCHEMES[scheme or recipe.quantization]
+    sch = scheme if isinstance(scheme, Scheme) else SCHEMES[scheme or recipe.quantization]
     method = QUANTIZERS[quantizer or recipe.quantizer]
     calib = tokenizer.encode(CALIBRATION_TEXT.read_text())
     gate_windows = recipe.gate_windows if sch.linear_bits is not None else 0
     with progress.stage(f"calibrate + quantize ({sch.name}, {method.name})"):
         qm, q = quantize_streaming(config, get, names, sch, method, calib, recipe.calibration_windows,
-                                   gate_windows)
+                                   gate_windows, codecs=codecs or {})
         progress.log(f"{sch.name}: {qm.nbytes / 1e6:.1f} MB of weights")
     if q is None:
         return qm, None
@@ -79,12 +84,12 @@ def quantize_source(recipe: Recipe, config: MiniCPMConfig, tokenizer: Tokenizer,
     return qm, report
 
 
-def quantize(lm: LoadedModel, scheme: str | None = None, progress: Progress | None = None,
-             allow_quality_loss: bool = False,
-             quantizer: str | None = None) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
+def quantize(lm: LoadedModel, scheme: "str | Scheme | None" = None, progress: Progress | None = None,
+             allow_quality_loss: bool = False, quantizer: str | None = None,
+             codecs: Mapping[str, object] | None = None) -> tuple[QuantizedModel, MiniCPM, QualityReport | None]:
     """Quantize an in-memory model: (quantized weights, int4 reference model, gate report)."""
     qm, report = quantize_source(lm.recipe, lm.config, lm.tokenizer, lm.state.__getitem__, list(lm.state),
-                                 scheme, progress, allow_quality_loss, quantizer)
+                                 scheme, progress, allow_quality_loss, quantizer, codecs)
     return qm, MiniCPM.from_state_dict(lm.config, qm.dequantized()), report
 
 
@@ -106,7 +111,15 @@ def generate(recipe: str, prompt: str, max_new_tokens: int = 32, checkpoint=None
 
 def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None = 40,
              progress: Progress | None = None, scheme: str | None = None,
-             quantizer: str | None = None) -> dict:
+             quantizer: str | None = None, target: str | None = None) -> dict:
+    """Perplexity of the fp and the quantized model on a text. ``target``: quantize as that target's
+    plan (default options) does, i.e. the weights its bundle ships (exclusive with scheme)."""
+    codecs = None
+    if target is not None:
+        if scheme is not None:
+            raise ExportError("--scheme and --target: give one (the target's plan names its scheme)")
+        q = check_export(target, recipe)[1].quantization
+        scheme, quantizer, codecs = q.scheme, quantizer or q.quantizer, dict(q.codecs)
     text = Path(text_file)
     content = read_text_file(text, "--text")
     lm = load(recipe, checkpoint)
@@ -115,7 +128,7 @@ def evaluate(recipe: str, text_file: Path, checkpoint=None, windows: int | None 
         raise ExportError(f"--text {text}: too short for perplexity ({len(ids)} tokens < one "
                           f"{WINDOW}-token window)")
     progress = progress or Progress(quiet=True)
-    qm, qref, _ = quantize(lm, scheme, progress=progress, allow_quality_loss=True, quantizer=quantizer)
+    qm, qref, _ = quantize(lm, scheme, progress, True, quantizer, codecs)
     with progress.stage("perplexity"):
         ppl_fp = perplexity(lm.model, ids, count=windows)
         ppl_q = perplexity(qref, ids, count=windows)
@@ -129,55 +142,72 @@ def default_out(recipe: str, target: str) -> Path:
     return Path("dist") / f"{recipe}-{target}"
 
 
-def check_export(target: str, recipe: str, options: dict) -> Recipe:
-    """Everything about an export that is cheap to check (no checkpoint, no --out): the recipe, the
-    target/recipe pairing, the target's options."""
+def _resolve(target: str, recipe: str, options) -> tuple[Recipe, "Target", "ExportPlan"]:
     from targets import get_target
 
     rec = get_recipe(recipe)
     rec.require_target(target)
     backend = get_target(target)
-    if rec.is_vision and not backend.allows_vision:
-        raise ExportError(f"target '{target}' is text only: it cannot export vision recipe '{rec.name}'")
-    if hasattr(backend, "check_options"):   # refuse bad target options before the slow stages
-        backend.check_options(rec, options)
-    return rec
+    if options is None:
+        options = backend.Options()
+    elif not isinstance(options, backend.Options):
+        raise ExportError(f"{target}: options must be {backend.Options.__name__}, "
+                          f"got {type(options).__name__}")
+    return rec, backend, backend.plan(rec, options)
+
+
+def check_export(target: str, recipe: str, options=None) -> tuple[Recipe, "ExportPlan"]:
+    """Everything about an export that is cheap to check (no checkpoint, no --out): the recipe, the
+    target/recipe pairing, the target's typed options; returns the recipe and the target's plan."""
+    rec, _, plan = _resolve(target, recipe, options)
+    return rec, plan
+
+
+# Shipped weights of earlier exports in one run (release): (checkpoint, fingerprint, recipe,
+# plan.quantization, allow_quality_loss) -> (QuantizedModel, QualityReport | None)
+QuantizedCache = dict
 
 
 def export(target: str, recipe: str, checkpoint=None, out: str | Path | None = None, force: bool = False,
-           allow_quality_loss: bool = False, progress: Progress | None = None, **options) -> Path:
-    """Load, quantize (with the quality gate), build the target's bundle, verify, finalize."""
-    from targets import get_target
-    from targets.base import ExportContext
+           allow_quality_loss: bool = False, progress: Progress | None = None, options=None,
+           reuse: QuantizedCache | None = None) -> Path:
+    """Plan (the target's, from its typed ``options``), open the checkpoint once, quantize as the plan
+    says (or take the same quantization from ``reuse``), gate, build the target's bundle, write the
+    manifest, finalize."""
+    from targets.base import ExportContext, merge_manifest
     from .bundle import Staging, tool_versions
 
     progress = progress or Progress(quiet=True)
-    rec = check_export(target, recipe, options)
-    backend = get_target(target)
+    rec, backend, plan = _resolve(target, recipe, options)
     out = Path(out) if out else default_out(rec.name, target)
     with Staging(out, force) as staging:     # --out: writable, locked, stale staging removed
         with progress.stage("load"):
             ckpt, config, tok = open_model(rec, checkpoint)
             prefix = "llm." if rec.is_vision else ""
-            plan = ckpt.text_plan(config, prefix)
-            progress.log(f"{ckpt.path}: {len(plan)} text tensors, {config.num_hidden_layers} layers")
-        qm, report = quantize_source(rec, config, tok, ckpt.getter(plan), list(plan), progress=progress,
-                                     allow_quality_loss=allow_quality_loss)
+            tensors = ckpt.text_plan(config, prefix)
+            progress.log(f"{ckpt.path}: {len(tensors)} text tensors, {config.num_hidden_layers} layers")
+        key = (str(ckpt.path), ckpt.fingerprint(), rec.name, plan.quantization, allow_quality_loss)
+        if reuse is not None and key in reuse:
+            qm, report = reuse[key]
+            progress.log(f"{qm.scheme.name} ({qm.quantizer}): the weights quantized and gated for an "
+                         f"earlier target of this run")
+        else:
+            q = plan.quantization
+            qm, report = quantize_source(rec, config, tok, ckpt.getter(tensors), list(tensors), q.scheme,
+                                         progress, allow_quality_loss, q.quantizer, dict(q.codecs))
+            if reuse is not None:
+                reuse[key] = qm, report
         ctx = ExportContext(recipe=rec, config=config, checkpoint=ckpt, tokenizer_path=ckpt.tokenizer_path,
-                            quantized=qm, quality=report.to_dict() if report else {}, progress=progress,
-                            load_reference=lambda: MiniCPM.from_state_dict(
-                                config, ckpt.text_tensors(config, prefix)),
-                            options={**options, "allow_quality_loss": allow_quality_loss})
+                            plan=plan, quantized=qm, progress=progress)
         extra = backend.build(ctx, staging.dir)
-        manifest = {
+        manifest = merge_manifest({
             "mcpm_export_version": tool_versions()["mcpm_export"], "recipe": rec.name, "target": target,
             "model": {"repo_id": rec.repo_id, "family": rec.family, "config": config.to_dict(),
                       "context_window": rec.context_window, "prefill_chunk": rec.prefill_chunk},
-            "quantization": {"scheme": qm.scheme.name, "description": qm.scheme.description,
-                             "group_size": GROUP, "quantizer": qm.quantizer},
-            "quality": ctx.quality,
+            "quantization": plan.quantization.manifest(qm.quantizer),
+            "quality": report.to_dict() if report else {},
             "source": {"checkpoint_fingerprint": ckpt.fingerprint(), "repo_id": rec.repo_id},
-            "versions": tool_versions(), **extra,
-        }
+            "versions": tool_versions(),
+        }, extra, target)
         with progress.stage("finalize"):
             return staging.finalize(manifest)

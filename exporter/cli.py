@@ -1,6 +1,7 @@
 """`mcpm-export`: a thin CLI over exporter.api. Every command prints its resolved settings."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import signal
@@ -16,7 +17,6 @@ from . import __version__, api
 from .errors import ExportError
 from .progress import Progress, console, stdout
 from .recipes import KNOWN_QUANTIZERS, KNOWN_SCHEMES, KNOWN_TARGETS, get_recipe, load_recipes
-from targets.tvm.presets import PRESETS as SOC_PRESETS
 
 
 class Terminated(KeyboardInterrupt):
@@ -114,11 +114,15 @@ def generate(recipe, checkpoint, prompt, max_new_tokens, quant, as_json):
               help="Quantization scheme (default: the recipe's).")
 @click.option("--quantizer", type=click.Choice(sorted(KNOWN_QUANTIZERS)), default=None,
               help="How int4 values are chosen (default: the recipe's).")
+@click.option("--target", type=click.Choice(KNOWN_TARGETS), default=None,
+              help="Quantize as this target's plan does (the weights its bundle ships, e.g. iOS's palettized "
+                   "embedding); instead of --scheme.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def eval_cmd(recipe, checkpoint, text_file, windows, scheme, quantizer, as_json):
+def eval_cmd(recipe, checkpoint, text_file, windows, scheme, quantizer, target, as_json):
     """Perplexity of the fp model and of the quantized model on a text."""
-    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json), scheme, quantizer)
+    res = api.evaluate(recipe, Path(text_file), checkpoint, windows, Progress(quiet=as_json), scheme, quantizer,
+                       target)
     if as_json:
         click.echo(json.dumps(res))
         return
@@ -242,16 +246,19 @@ def image_plan(image, recipe, as_json):
 @click.option("--force", is_flag=True, help="Replace older archives of the same recipe/target in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the archives (path, sha256, size) as JSON.")
 @user_errors
-def release_cmd(recipes, target, checkpoint, out, force, as_json):
-    """Build, pack and verify reproducible release archives (mcpm-RECIPE-TARGET-SCHEME-vVERSION.tar.gz)."""
+def release_cmd(recipes, target, checkpoint, out, force, as_json, **flags):
+    """Build, pack and verify reproducible release archives (mcpm-RECIPE-TARGET-SCHEME-vVERSION.tar.gz).
+    Target options (--backend, --embedding, ...) apply to the targets that define them."""
     from .release import release
 
     names = recipes.split(",")
     if checkpoint is not None and len(names) != 1:
         raise ExportError(f"--checkpoint {checkpoint}: give exactly one --model with it (got {len(names)})")
     show_settings("mcpm-export release", models=recipes, target=target, checkpoint=checkpoint, out=out,
-                  force=force or None)
-    results = release(names, target, Path(out), force, Progress(quiet=as_json), checkpoint=checkpoint)
+                  force=force or None, **flags)
+    options = {t: target_options(t, flags) for t in KNOWN_TARGETS}
+    results = release(names, target, Path(out), force, Progress(quiet=as_json), checkpoint=checkpoint,
+                      options=options)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -304,39 +311,47 @@ def doctor_cmd(as_json):
 
 
 # The export commands (android, harmony, ios) are generated here from KNOWN_TARGETS: do not add them
-# by hand. Backends register in targets/__init__.py (TARGETS) and receive these options in
-# ExportContext.options. Target-specific options; every export command also gets the common ones below.
-TARGET_OPTIONS = {
-    "android": [click.Option(["--backend"], type=click.Choice(["cpu", "opencl", "all"]), default="cpu",
-                             show_default=True, help="aarch64 CPU code, OpenCL kernels, or both."),
-                click.Option(["--soc"], type=click.Choice(list(SOC_PRESETS)), default="generic",
-                             show_default=True, help="CPU preset (mcpu/mattr) from targets/tvm/presets.py."),
-                click.Option(["--vision-weights"], type=click.Choice(["q8", "fp32"]), default=None,
-                             help="MiniCPM-V vision encoder weights: int8 through the CPU microkernels "
-                                  "(default; recipe vision.weights) or fp32.")],
-    "ios": [click.Option(["--deployment-target"], default="iOS18", show_default=True,
-                         help="Minimum iOS of the .mlpackage; int4 weights and the KV-cache states "
-                              "need iOS18 or newer (docs/ios.md)."),
-            click.Option(["--embedding"], type=click.Choice(["lut6", "int8", "int4"]), default=None,
-                         help="Tied embedding/head: 6-bit palettized (default for q4f16_e8 recipes), "
-                              "int8 or int4 (docs/ios.md)."),
-            click.Option(["--ane-head"], is_flag=True, default=False,
-                         help="Split the tied embedding/head into pieces of <= 16384 rows so that every "
-                              "tensor fits the Neural Engine (.cpuAndNeuralEngine; docs/ios.md).")],
-}
-TARGET_OPTIONS["harmony"] = TARGET_OPTIONS["android"]
+# by hand. Backends register in targets/__init__.py (TARGETS); their flags come from each target's
+# Options dataclass (targets.base.option fields), every export command also gets the common ones below.
+def option_flags(options_cls) -> list[click.Option]:
+    """One click option per field of a targets.base.option dataclass: ``--field-name``, the field's
+    default, help and choices; a bool is a flag; fields with ``cli=False`` are API only."""
+    flags = []
+    for f in dataclasses.fields(options_cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            flags.append(click.Option([flag, f.name], is_flag=True, default=f.default, help=meta.get("help")))
+            continue
+        kind = click.Choice(list(meta["choices"])) if meta.get("choices") else None
+        flags.append(click.Option([flag, f.name], type=kind, default=f.default, show_default=f.default is not None,
+                                  help=meta.get("help")))
+    return flags
+
+
+def target_options(target: str, values: dict):
+    """The target's Options instance from the flags' values (only its own fields)."""
+    from targets import get_options
+
+    cls = get_options(target)
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                  if f.metadata.get("cli", True) and f.name in values})
 
 
 def make_export_command(target: str) -> click.Command:
+    from targets import get_options
+
     @user_errors
-    def run(recipe, checkpoint, out, force, allow_quality_loss, **options):
+    def run(recipe, checkpoint, out, force, allow_quality_loss, **flags):
         out = out or str(api.default_out(recipe, target))
-        rec = api.check_export(target, recipe, options)     # the cheap checks; the checkpoint comes later
+        options = target_options(target, flags)
+        rec, _ = api.check_export(target, recipe, options)     # the cheap checks; the checkpoint comes later
         show_settings(f"mcpm-export {target}", recipe=f"{rec.name} ({rec.repo_id}, {rec.quantization})",
                       checkpoint=checkpoint or "embedded copy or Hugging Face cache", out=out, force=force,
-                      **options)
-        bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss,
-                            Progress(), **options)
+                      **flags)
+        bundle = api.export(target, recipe, checkpoint, out, force, allow_quality_loss, Progress(), options)
         console.print(f"[bold green]bundle ready:[/] {bundle}")
 
     params = [
@@ -346,13 +361,33 @@ def make_export_command(target: str) -> click.Command:
         click.Option(["--out"], type=click.Path(), default=None, help="Bundle directory [dist/RECIPE-TARGET]."),
         click.Option(["--force"], is_flag=True, help="Replace a non-empty --out."),
         click.Option(["--allow-quality-loss"], is_flag=True, help="Export even if the quality gate fails."),
-        *TARGET_OPTIONS.get(target, []),
+        *option_flags(get_options(target)),
     ]
     return click.Command(target, callback=run, params=params, help=f"Export a {target} bundle.")
 
 
+def release_flags() -> list[click.Option]:
+    """Every target's option flags, once each (targets sharing an Options class share its flags);
+    two targets may not define the same flag differently."""
+    from targets import get_options
+
+    seen: dict[str, object] = {}
+    flags = []
+    for t in KNOWN_TARGETS:
+        cls = get_options(t)
+        for flag in option_flags(cls):
+            owner = seen.setdefault(flag.name, cls)
+            if owner is cls and flag.name not in {f.name for f in flags}:
+                flags.append(flag)
+            elif owner is not cls:
+                raise RuntimeError(f"option {flag.name} is defined by two targets' Options")
+    return flags
+
+
 for _target in KNOWN_TARGETS:
     main.add_command(make_export_command(_target))
+for _flag in release_flags():
+    release_cmd.params.append(_flag)
 
 
 if __name__ == "__main__":

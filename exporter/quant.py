@@ -14,6 +14,7 @@ import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -215,17 +216,29 @@ class QTensor:
         return self.data.nbytes + self.scale.nbytes
 
 
+class Encoded(Protocol):
+    """A stored tensor: QTensor, or a target's own encoding (targets/coreml/palettize.Lut6)."""
+    nbytes: int
+
+    def dequantize(self) -> np.ndarray: ...
+
+
+def dequantize(t: "Encoded | np.ndarray") -> np.ndarray:
+    """float32 values of a stored tensor (an encoded one, or a float16 array)."""
+    return t.dequantize() if hasattr(t, "dequantize") else t.astype(np.float32)
+
+
 @dataclass
 class QuantizedModel:
-    """Canonical-name tensors: QTensor for quantized weights, fp16 numpy arrays for the rest."""
+    """Canonical-name tensors: QTensor for quantized weights, fp16 numpy arrays for the rest (and a
+    target codec's Encoded tensors, see exporter/streaming.py)."""
     scheme: Scheme
-    tensors: dict[str, "QTensor | np.ndarray"] = field(default_factory=dict)
+    tensors: dict[str, "Encoded | np.ndarray"] = field(default_factory=dict)
     quantizer: str = "rtn"       # which exporter/quantizers.py method chose the values
 
     def dequantized(self) -> dict[str, torch.Tensor]:
         """The float32 state dict the reference model runs for 'PyTorch int4'."""
-        return {k: torch.from_numpy(v.dequantize() if isinstance(v, QTensor) else v.astype(np.float32))
-                for k, v in self.tensors.items()}
+        return {k: torch.from_numpy(dequantize(v)) for k, v in self.tensors.items()}
 
     @property
     def nbytes(self) -> int:

@@ -14,8 +14,7 @@
   tensors take the clipping search (GPTQ-rounding tiny's int8 embedding measured +0.52% vs +0.50%).
 
 Both read ``InputStats`` that exporter/streaming.py gathers from calibration text one decoder layer at a
-time (``InputRecorder``); the iOS target runs the same GPTQ on Core ML's int4 grid
-(targets/coreml/prequant.py).
+time (``InputRecorder``) for every target (the iOS package holds the same codes, targets/coreml/shipped.py).
 """
 from __future__ import annotations
 

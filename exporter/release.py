@@ -40,22 +40,22 @@ class ReleaseItem:
         return f"mcpm-{self.recipe.name}-{self.target}-"
 
 
-def plan(recipes: list[str], target: str) -> list[ReleaseItem]:
-    """Validate the whole request before building anything. ``target`` 'all': every target each
-    recipe allows."""
+def plan(recipes: list[str], target: str, options: dict | None = None) -> list[ReleaseItem]:
+    """Validate the whole request before building anything (recipes, targets, each target's
+    ``options[target]`` against each recipe). ``target`` 'all': every target each recipe allows."""
     if not recipes or any(not r.strip() for r in recipes):
         raise ExportError("--model: give one or more recipe names, comma separated")
     if target != "all" and target not in KNOWN_TARGETS:
         raise ExportError(f"--target: unknown target '{target}' (known: {', '.join(KNOWN_TARGETS)}, all)")
-    from targets import get_target
+    from .api import check_export
 
     items = []
     for name in dict.fromkeys(r.strip() for r in recipes):
         rec = get_recipe(name)
         wanted = [t for t in KNOWN_TARGETS if t in rec.targets] if target == "all" else [target]
         for t in wanted:
-            rec.require_target(t)
-            get_target(t)          # unknown / unregistered backend: fail now, not after other builds
+            # unknown / unregistered backend, bad options: fail now, not after other builds
+            check_export(t, rec.name, (options or {}).get(t))
             items.append(ReleaseItem(rec, t))
     return items
 
@@ -91,13 +91,17 @@ def pack(bundle: Path, archive: Path, top: str) -> None:
 
 
 def release(recipes: list[str], target: str, out: str | Path = "release", force: bool = False,
-            progress: Progress | None = None, **options) -> list[dict]:
-    """Build, pack and verify every requested bundle; [{"archive", "sha256", "size", ...}] per archive."""
+            progress: Progress | None = None, checkpoint: str | Path | None = None,
+            options: dict | None = None) -> list[dict]:
+    """Build, pack and verify every requested bundle; [{"archive", "sha256", "size", ...}] per archive.
+    ``options``: target name -> that target's Options. Targets whose plans quantize alike (android and
+    harmony) share one quantization (api.export ``reuse``)."""
     from . import api
 
     progress = progress or Progress(quiet=True)
     out = Path(out)
-    items = plan(recipes, target)
+    options = options or {}
+    items = plan(recipes, target, options)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a directory")
     old = conflicts(out, items)
@@ -109,10 +113,14 @@ def release(recipes: list[str], target: str, out: str | Path = "release", force:
     except OSError as e:
         raise ExportError(f"--out {out}: cannot create ({e.strerror})") from None
     results = []
-    for it in items:
+    quantized: api.QuantizedCache = {}
+    for i, it in enumerate(items):
+        if i and items[i - 1].recipe.name != it.recipe.name:
+            quantized = {}       # items come grouped by recipe: free the previous recipe's weights
         progress.log(f"[bold]{it.name}[/]")
         with tempfile.TemporaryDirectory(dir=out, prefix=f".{it.name}.partial-") as tmp:
-            bundle = api.export(it.target, it.recipe.name, out=Path(tmp) / it.name, progress=progress, **options)
+            bundle = api.export(it.target, it.recipe.name, checkpoint, Path(tmp) / it.name, progress=progress,
+                                options=options.get(it.target), reuse=quantized)
             archive = Path(tmp) / (it.name + SUFFIX)
             with progress.stage(f"pack {it.name}{SUFFIX}"):
                 pack(bundle, archive, it.name)

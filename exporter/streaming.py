@@ -12,7 +12,7 @@ the gate windows through the dequantized layers, and the two perplexities are co
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,14 @@ from .config import MiniCPMConfig
 from .errors import ExportError
 from .model import Block, RMSNorm, rope_tables
 from .quality import WINDOW, windows
-from .quant import QTensor, QuantizedModel, Scheme
+from .quant import QuantizedModel, Scheme, dequantize
 from .quantizers import InputRecorder, InputStats, Quantizer
 
 TensorGetter = Callable[[str], torch.Tensor]   # canonical name -> float32 tensor
+
+
+class Codec(Protocol):
+    def encode(self, weight: torch.Tensor) -> "quant.Encoded": ...  # noqa: F821
 
 
 def _layer(cfg: MiniCPMConfig, get: TensorGetter, i: int) -> Block:
@@ -48,8 +52,12 @@ def _nll(cfg: MiniCPMConfig, norm: RMSNorm, head: torch.Tensor, h: torch.Tensor,
 @torch.no_grad()
 def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], scheme: Scheme,
                        quantizer: Quantizer, calib_ids: list[int], importance_windows: int, gate_windows: int,
-                       on_step: Callable[[str], None] = lambda s: None) -> tuple[QuantizedModel, dict | None]:
-    """Quantize every tensor in ``names``; returns (model, {"ppl_fp", "ppl_int4", "tokens"} or None)."""
+                       on_step: Callable[[str], None] = lambda s: None,
+                       codecs: Mapping[str, "Codec"] | None = None) -> tuple[QuantizedModel, dict | None]:
+    """Quantize every tensor in ``names``; returns (model, {"ppl_fp", "ppl_int4", "tokens"} or None).
+    ``codecs``: a target's own encoding of tensors the scheme keeps float16 (name -> codec); the gate
+    measures the encoded tensors."""
+    codecs = codecs or {}
     qm = QuantizedModel(scheme, quantizer=quantizer.name)
     imp_ids = torch.tensor(windows(calib_ids, WINDOW, importance_windows))
     gate_ids = torch.tensor(windows(calib_ids[len(imp_ids) * WINDOW:], WINDOW, gate_windows))
@@ -63,7 +71,9 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
 
     def keep(name, t):
         bits = scheme.bits_for(name)
-        if bits is None:
+        if name in codecs and bits is None:
+            qm.tensors[name] = codecs[name].encode(t)
+        elif bits is None:
             qm.tensors[name] = t.to(torch.float16).numpy()
         else:
             qm.tensors[name] = quantizer.run(t, bits, stats.pop(name, None))
@@ -118,4 +128,4 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
 
 
 def _deq(t) -> "numpy.ndarray":  # noqa: F821
-    return t.dequantize() if isinstance(t, QTensor) else t.astype("float32")
+    return dequantize(t)

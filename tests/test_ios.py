@@ -1,6 +1,7 @@
 """iOS (Core ML) target, fast tier: the Core ML-friendly forward, the NumPy MIL interpreter on a small
-converted program, the GPTQ pre-pass, the 6-bit embedding tables, and every refusal (vision, old iOS,
-bad options, bad checkpoint)."""
+converted program, the central weights shipped as Core ML constants, the 6-bit embedding tables, the
+plan, and every refusal (vision, old iOS, bad options, bad checkpoint)."""
+import dataclasses
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from exporter import api
 from exporter.errors import ExportError
 from exporter.recipes import get_recipe
 from targets.coreml.palettize import dequantize, kmeans_lut, nearest, packed_bytes
-from targets.coreml.prequant import QMAX, gptq_weight
-from targets.coreml.target import IOS, IOSOptions, parse_deployment_target
+from exporter.quant import QTensor, quantize_weight
+from targets.coreml.options import IOSOptions, IOSSettings
+from targets.coreml.target import IOS, parse_deployment_target
 from targets.coreml.wrapper import CoreMLMiniCPM
 
 i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
@@ -120,25 +122,62 @@ def test_mil_interpreter_runs_a_converted_stateful_program(tmp_path):
         interp.run("main", {"ids": np.array([[1, 2, 3]]), "start": np.array([0])}, state)
 
 
-def coreml_rtn(w):
-    """What linear_quantize_weights(linear_symmetric, int4, per_block 32) makes of w (float16 scale)."""
-    blocks = w.reshape(w.shape[0], -1, 32).half().float()
-    s = (blocks.abs().amax(-1, keepdim=True) / QMAX).half().float()
-    return ((blocks / s).round().clamp(-QMAX, QMAX) * s).reshape(w.shape)
+def settings(recipe: str, **options) -> IOSSettings:
+    return IOS.plan(get_recipe(recipe), IOSOptions(**options)).settings
 
 
-def test_gptq_prequant_survives_coreml_rounding_and_beats_it():
-    """Weights from gptq_weight are a fixed point of Core ML's quantizer (almost every block), and
-    their layer-output error on correlated inputs is well below Core ML's plain rounding."""
+def test_shipped_constants_hold_the_central_codes(tmp_path):
+    """A Linear converted by coremltools, its weight swapped by ShippedWeights for a q4f16 QTensor
+    (blocks using +8 included): the package holds int4 data in [-8, 7] and float16 scales, and the
+    interpreter decompresses exactly the central dequantized weights rounded to float16."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil.ops.defs.iOS18 import constexpr_blockwise_shift_scale as op_def
+    from coremltools.models.utils import _apply_graph_pass
+    from targets.coreml.mil_interp import Interpreter
+    from targets.coreml.patches import patched
+    from targets.coreml.shipped import ShippedWeights, blockwise, mil_const_name
+
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 128, generator=g) @ (torch.randn(128, 128, generator=g) * 0.3 + torch.eye(128))
-    w = torch.randn(64, 128, generator=g) * (torch.rand(64, 128, generator=g) + 0.2)
-    q = gptq_weight(w, x.T @ x)
-    again = coreml_rtn(q)
-    exact_blocks = ((again - q).abs().reshape(64, 4, 32).amax(-1) < 1e-3).float().mean()
-    assert exact_blocks > 0.9          # measured 0.96
-    out_err = lambda v: ((v - w) @ x.T).pow(2).mean()  # noqa: E731
-    assert out_err(again) < 0.6 * out_err(coreml_rtn(w))
+    w = torch.randn(48, 128, generator=g) * (torch.rand(48, 128, generator=g) + 0.2)
+    qt = QTensor(4, *quantize_weight(w, 4))
+    data, scale = blockwise(qt)
+    values = qt.dequantize()
+    assert data.min() >= -8 and data.max() <= 7 and (scale < 0).any() and (scale > 0).any()
+    exact = op_def.decompress(data, scale, None)
+    assert exact.dtype == np.float16 and np.array_equal(exact, values.astype(np.float16))
+    assert np.abs(exact.astype(np.float32) - values).max() <= np.abs(values).max() * 2.0 ** -11
+
+    lin = torch.nn.Linear(128, 48, bias=False).eval()
+    with torch.no_grad(), patched():
+        lin.weight.copy_(w)
+        prog = torch.export.export(lin, (torch.zeros(1, 128),)).run_decompositions({})
+        ml = ct.convert(prog, inputs=[ct.TensorType(name="x", shape=(1, 128))], minimum_deployment_target=ct.target.iOS18,
+                        compute_precision=ct.precision.FLOAT16)
+        name = next(op.name for op in ml._mil_program.functions["main"].operations if op.op_type == "const"
+                    and getattr(op.outputs[0].val, "ndim", 0) == 2)
+        assert name == mil_const_name("weight")
+        ml = _apply_graph_pass(ml, [ShippedWeights({name: qt})])
+    ml.save(str(tmp_path / "lin.mlpackage"))
+    interp = Interpreter.from_package(tmp_path / "lin.mlpackage")
+    ops = {op.name: op for op in interp.program.functions["main"].operations}
+    held = ops[name + "_quantized"]
+    assert held.op_type == "constexpr_blockwise_shift_scale" and held.data.dtype.get_bitwidth() == 4
+    assert np.array_equal(interp.constant("main", held), exact)
+    with pytest.raises(ExportError, match="has no quantized weights"):
+        ShippedWeights({}).apply(ct.convert(prog, inputs=[ct.TensorType(name="x", shape=(1, 128))],
+                                            minimum_deployment_target=ct.target.iOS18)._mil_program)
+
+
+def test_plan_declares_what_the_centre_quantizes():
+    """The iOS plan names the recipe's quantizer (clip honoured) and the scheme per embedding kind; the
+    lut6 embedding is the target's codec, so the gate measures the palettized values."""
+    tiny = get_recipe("tiny")
+    q = IOS.plan(tiny, IOSOptions()).quantization
+    assert q.scheme.name == "q4f16_lut6" and q.quantizer == "gptq" and dict(q.codecs).keys() == {"tok_embeddings.weight"}
+    assert IOS.plan(dataclasses.replace(tiny, quantizer="clip"), IOSOptions()).quantization.quantizer == "clip"
+    assert IOS.plan(tiny, IOSOptions(embedding="int8")).quantization.scheme.name == "q4f16_e8"
+    assert IOS.plan(tiny, IOSOptions(embedding="int4")).quantization.scheme.name == "q4f16"
+    assert IOS.plan(get_recipe("sft-fp16"), IOSOptions()).quantization.manifest("gptq")["quantizer"] == "none"
 
 
 @pytest.mark.parametrize("text,major", [("iOS18", 18), ("ios18", 18), ("18", 18), ("iOS26", 26)])
@@ -148,19 +187,19 @@ def test_deployment_target_parsing(text, major):
 
 def test_refuses_old_deployment_target_with_int4():
     with pytest.raises(ExportError, match=r"iOS17 is too old: int4 weights .* need iOS 18 or newer"):
-        IOS.check_options(get_recipe("tiny"), {"deployment_target": "iOS17"})
+        settings("tiny", deployment_target="iOS17")
     with pytest.raises(ExportError, match="expected the form iOS18"):
-        IOS.check_options(get_recipe("tiny"), {"deployment_target": "android"})
+        settings("tiny", deployment_target="android")
 
 
 def test_embedding_option():
     """q4f16_e8 ships the 6-bit palettized embedding; int8 stays reachable as a target option."""
-    assert IOS.check_options(get_recipe("tiny"), {}) == IOSOptions(18, "lut6", None)
-    assert IOS.check_options(get_recipe("sft-int4"), {"embedding": "int8"}) == IOSOptions(18, "int8")
+    assert settings("tiny") == IOSSettings(18, "lut6", None)
+    assert settings("sft-int4", embedding="int8") == IOSSettings(18, "int8")
     with pytest.raises(ExportError, match="embedding 'int7': expected one of lut6, int8, int4"):
-        IOS.check_options(get_recipe("tiny"), {"embedding": "int7"})
+        settings("tiny", embedding="int7")
     with pytest.raises(ExportError, match="keeps float16 weights"):
-        IOS.check_options(get_recipe("sft-fp16"), {"embedding": "lut6"})
+        settings("sft-fp16", embedding="lut6")
     res = subprocess.run([sys.executable, "-m", "exporter.cli", "ios", "--embedding", "int7"],
                          capture_output=True, text=True)        # the CLI offers the same choices
     assert res.returncode == 2 and "'int7' is not one of 'lut6', 'int8', 'int4'" in res.stderr, res.stderr
@@ -168,7 +207,7 @@ def test_embedding_option():
 
 def test_refuses_vision_recipe():
     with pytest.raises(ExportError, match="vision model; the iOS target is text only"):
-        IOS.check_options(get_recipe("v-int4"), {"deployment_target": "iOS18"})
+        IOS.plan(get_recipe("v-int4"), IOSOptions(deployment_target="iOS18"))
     with pytest.raises(ExportError, match="iOS is text only"):
         api.export("ios", "v2-int4")
 
@@ -244,11 +283,11 @@ def test_spill_weights_keeps_values_and_maps_files(tmp_path):
 
 
 def test_ane_head_option():
-    assert IOS.check_options(get_recipe("sft-int4"), {"ane_head": True}).head_rows == 16384
-    assert IOS.check_options(get_recipe("tiny"), {"ane_head_rows": 3000}) == IOSOptions(18, "lut6", 3000)
-    assert IOS.check_options(get_recipe("tiny"), {"ane_head": False}).head_rows is None
+    assert settings("sft-int4", ane_head=True).head_rows == 16384
+    assert settings("tiny", ane_head_rows=3000) == IOSSettings(18, "lut6", 3000)
+    assert settings("tiny", ane_head=False).head_rows is None
     with pytest.raises(ExportError, match=r"ane_head_rows must be an integer in 1..16384, got 20000"):
-        IOS.check_options(get_recipe("tiny"), {"ane_head_rows": 20000})
+        settings("tiny", ane_head_rows=20000)
     res = subprocess.run([sys.executable, "-m", "exporter.cli", "ios", "--help"], capture_output=True, text=True)
     assert "--ane-head" in res.stdout
 

@@ -9,6 +9,7 @@ import pytest
 
 from exporter import api
 from exporter.errors import ExportError
+from targets.coreml.options import IOSOptions
 from targets.coreml.session import open_bundle
 from targets.coreml.verify import package_state_dict, structure
 from targets.coreml.wrapper import MASK_VALUE, flat_logits
@@ -23,7 +24,8 @@ BOUND = 1e-3
 
 @pytest.fixture(scope="module")
 def ane_bundle(tmp_path_factory):
-    return api.export("ios", "tiny", out=tmp_path_factory.mktemp("ane") / "tiny-ane", ane_head_rows=ROWS)
+    return api.export("ios", "tiny", out=tmp_path_factory.mktemp("ane") / "tiny-ane",
+                      options=IOSOptions(ane_head_rows=ROWS))
 
 
 @pytest.fixture(scope="module")

@@ -171,13 +171,14 @@ def test_bad_image_one_error_line(runner_dir, v2_config, tmp_path):
 def export_vision_bundle(root: Path, version: int, vision_weights: str | None = None) -> Path:
     from exporter import api
     from exporter.recipes import get_recipe
+    from targets.tvm.options import TVMOptions
     from tests.support.tiny_minicpmv import tiny_recipe, write_tiny_minicpmv
     ckpt = write_tiny_minicpmv(root / "ckpt", version=version)
     mp = pytest.MonkeyPatch()
     mp.setattr(api, "get_recipe", lambda name: tiny_recipe(get_recipe(name)))   # tiny dims, same recipe
     try:
         return api.export("android", "v2-int4" if version == 2 else "v-int4", checkpoint=ckpt, out=root / "bundle",
-                          backend="cpu", vision_weights=vision_weights)
+                          options=TVMOptions(backend="cpu", vision_weights=vision_weights))
     finally:
         mp.undo()
 

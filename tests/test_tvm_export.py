@@ -19,6 +19,7 @@ from exporter.progress import Progress
 from exporter.quant import quantize_state_dict, unpack_int4, unpack_int8
 from exporter.recipes import EMBEDDED_DIR, get_recipe
 from exporter.tokenizer import Tokenizer
+from targets.tvm.options import TVMOptions
 from targets.tvm.params import read_tensor_cache
 from targets.tvm.target import VERIFY_PROMPT, VERIFY_TOKENS, BuildRequest, TVMTarget, build_bundle
 from tests.support.cli import cli, nothing_partial, one_error_line
@@ -165,7 +166,8 @@ def test_failed_verification_leaves_no_bundle(tmp_path):
 
     class Ctx:
         recipe, config, quantized, quant_reference = req.recipe, req.config, req.weights, fp_model
-        tokenizer_path, progress, options = TINY / "tokenizer.model", Progress(quiet=True), {}
+        tokenizer_path, progress = TINY / "tokenizer.model", Progress(quiet=True)
+        plan = TVMTarget("android").plan(req.recipe, TVMOptions())
         checkpoint = ck
 
     with pytest.raises(ExportError, match="verification failed"):

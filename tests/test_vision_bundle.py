@@ -17,6 +17,7 @@ from exporter.recipes import get_recipe
 from exporter.vision.loader import load_minicpmv
 from exporter.vision.multimodal import reference_generate
 from exporter.vision.slicing import plan_image
+from targets.tvm.options import TVMOptions
 from targets.tvm_vision import (PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, VisionRunner, generate_with_image, image_prompt,
                                 reference_features, synthetic_image)
 from targets.tvm.target import MLC_VISION_NOTE
@@ -33,7 +34,8 @@ def bundle(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(api, "get_recipe", lambda name: tiny_recipe(get_recipe(name)))   # tiny dims, same recipe
     try:
-        out = api.export("android", "v2-int4", checkpoint=ckpt, out=root / "bundle", backend="cpu")
+        out = api.export("android", "v2-int4", checkpoint=ckpt, out=root / "bundle",
+                         options=TVMOptions(backend="cpu"))
     finally:
         mp.undo()
     return ckpt, out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .convert import ANE_MAX_DIM, BLOCK_SIZE
+from .options import ANE_MAX_DIM, BLOCK_SIZE
 from .palettize import packed_bytes
 
 FP16 = 2
@@ -74,7 +74,7 @@ def estimate_weight_bytes(cfg, embedding: str | None, context: int, chunk: int) 
     if embedding is None:
         return (linear + vocab_params) * FP16 + small
     int4 = lambda n: n // 2 + n // BLOCK_SIZE * FP16  # noqa: E731
-    embed = {"lut6": packed_bytes(cfg.vocab_size, h), "int8": vocab_params + cfg.vocab_size * FP16,
+    embed = {"lut6": packed_bytes(cfg.vocab_size, h), "int8": vocab_params + vocab_params // BLOCK_SIZE * FP16,
              "int4": int4(vocab_params)}[embedding]
     return int4(linear) + embed + small
 

@@ -25,21 +25,20 @@ import torch
 
 from exporter.errors import ExportError
 
-from .palettize import LUT_BITS, LUT_GROUP, lut_function, shared_lut_function
+from .options import BLOCK_SIZE, EMBEDDINGS
+from .palettize import LUT_GROUP, Lut6, table_lut_function
 from .patches import patched
+from .shipped import ShippedWeights, shipped_constants
 from .wrapper import CoreMLMiniCPM
 
 logging.getLogger("coremltools").setLevel(logging.ERROR)
 import coremltools as ct  # noqa: E402  (after quieting its import-time logging)
 import coremltools.optimize.coreml as cto  # noqa: E402
 
-MIN_IOS = 18
-BLOCK_SIZE = 32
 EMBED_NAMES = ("p_tok_embeddings_weight_to_fp16", "p_output_weight_to_fp16")
 LUT_EMBED_NAME = "p_embed_rows_to_fp16"      # CoreMLMiniCPM(row_scaled_embedding=True).embed_rows
 STATE_NAMES = ("key_cache", "value_cache")
 PIECE_NAME = re.compile(r"p_embed_piece_(\d+)_to_fp16")  # CoreMLMiniCPM(head_rows=...) pieces
-ANE_MAX_DIM = 16384     # the Neural Engine's largest tensor dimension (--ane-head splits below it)
 
 
 def is_embedding_const(name: str) -> bool:
@@ -94,57 +93,8 @@ def convert_function(model: CoreMLMiniCPM, tokens: int, prefill: bool,
                           compute_precision=ct.precision.FLOAT16)
 
 
-# Representations of the tied embedding / LM head: "lut6" (default of q4f16_e8), "int8", "int4".
-EMBEDDINGS = {
-    "lut6": {"scheme": "palettized", "bits": LUT_BITS, "op": "constexpr_lut_to_dense",
-             "lut": f"per_grouped_channel (axis 1): one table of {1 << LUT_BITS} float16 values "
-                    f"per {LUT_GROUP} hidden columns, 1-D k-means",
-             "row_scale": "float16 max|row| per token, multiplied after the gather and on the logits",
-             "tool": "coremltools.optimize.coreml.palettize_weights"},
-    "int8": {"scheme": "linear_symmetric", "bits": 8, "op": "constexpr_blockwise_shift_scale",
-             "granularity": "per_channel (row)",
-             "tool": "coremltools.optimize.coreml.linear_quantize_weights"},
-    "int4": {"scheme": "linear_symmetric", "bits": 4, "op": "constexpr_blockwise_shift_scale",
-             "granularity": f"per_block {BLOCK_SIZE}",
-             "tool": "coremltools.optimize.coreml.linear_quantize_weights"},
-}
-
-
-def _int4_config():
-    return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                       block_size=BLOCK_SIZE, weight_threshold=0)
-
-
-def compression_config(mlmodel, embedding: str = "lut6") -> "cto.OptimizationConfig":
-    """int4 per-block for every 2-D linear weight; the embedding/head per ``embedding`` (None when it
-    is palettized by a separate pass, see palettize_config); everything else untouched."""
-    if embedding not in EMBEDDINGS:
-        raise ExportError(f"ios: embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
-    embed = {"lut6": None, "int4": _int4_config(),
-             "int8": cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                                 granularity="per_channel", weight_threshold=0),
-             }[embedding]
-    names: dict = {}
-    for op in mlmodel._mil_program.functions["main"].operations:
-        if op.op_type != "const":
-            continue
-        val = op.outputs[0].val
-        users = {c.op_type for c in op.outputs[0].child_ops}
-        if is_embedding_const(op.name):
-            names[op.name] = embed
-        elif isinstance(val, np.ndarray) and val.ndim == 2 and users == {"linear"}:
-            names[op.name] = _int4_config()
-        else:
-            names[op.name] = None
-    want = (LUT_EMBED_NAME,) if embedding == "lut6" else EMBED_NAMES
-    if not any(n in names for n in want) and not any(PIECE_NAME.fullmatch(n) for n in names):
-        raise ExportError(f"ios: converted program has no embedding constant {want[0]} "
-                          f"(coremltools/torch naming changed?)")
-    return cto.OptimizationConfig(global_config=None, op_name_configs=names)
-
-
-def palettize_config(names=(LUT_EMBED_NAME,), lut_fn=lut_function) -> "cto.OptimizationConfig":
-    """6-bit tables per group of LUT_GROUP hidden columns (axis 1), values from our own k-means.
+def palettize_config(names, lut_fn) -> "cto.OptimizationConfig":
+    """6-bit tables per group of LUT_GROUP hidden columns (axis 1), values from ``lut_fn``.
 
     No enable_per_channel_scale: for iOS < 26 coremltools folds that scale into the tables, repeating
     them per row (8.4 MB of tables for tiny). The row scale is applied in the graph instead."""
@@ -154,33 +104,35 @@ def palettize_config(names=(LUT_EMBED_NAME,), lut_fn=lut_function) -> "cto.Optim
     return cto.OptimizationConfig(global_config=None, op_name_configs={n: lut for n in names})
 
 
-def compress(mlmodel, embedding: str = "lut6"):
-    """The passes of cto.linear_quantize_weights and cto.palettize_weights, run together.
+def compress(mlmodel, embedding: str, constants: dict, lut: "Lut6 | None" = None):
+    """Swap the float16 weights for the shipped ones: ``constants`` (program constant name -> QTensor,
+    shipped.shipped_constants) as constexpr_blockwise_shift_scale, and with ``embedding`` "lut6" the
+    embedding (or its --ane-head pieces) palettized with ``lut``'s tables.
 
-    Each public function reloads the whole float16 program from the saved package while the caller's
-    model still holds its own in-memory copy, and writes a new package. Here the in-memory program
-    is dropped first (only its op names are needed, for the config), the package is reloaded once,
-    both passes run on it and it is serialized once: one float16 copy of the weights alive instead
-    of up to three. ``mlmodel`` is spent. Same program as the two calls in sequence (the reload
-    keeps the ops of the saved package; weight.bin byte-identical on tiny)."""
+    The program is reloaded from the saved package once, both passes run on it and it is serialized
+    once: the in-memory program is dropped first, so one float16 copy of the weights is alive instead
+    of up to three. ``mlmodel`` is spent."""
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.models.utils import _apply_graph_pass
 
-    config = compression_config(mlmodel, embedding)
-    passes = [PASS_REGISTRY["compression::linear_quantize_weights"]]
-    passes[0].set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    if embedding not in EMBEDDINGS:
+        raise ExportError(f"ios: embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
+    names = [op.name for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"]
+    passes = [ShippedWeights(constants)]
     if embedding == "lut6":
-        lut_names = [n for n in config.op_name_configs if n == LUT_EMBED_NAME or PIECE_NAME.fullmatch(n)]
-        lut_fn = lut_function
-        if lut_names != [LUT_EMBED_NAME]:       # --ane-head pieces share the whole matrix's tables
-            lut_names.sort(key=lambda n: int(PIECE_NAME.fullmatch(n).group(1)))
-            ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
-            lut_fn = shared_lut_function([ops[n].outputs[0].val for n in lut_names])
-            del ops
+        lut_names = sorted((n for n in names if PIECE_NAME.fullmatch(n)),
+                           key=lambda n: int(PIECE_NAME.fullmatch(n).group(1))) \
+            or [n for n in names if n == LUT_EMBED_NAME]
+        if not lut_names or lut is None:
+            raise ExportError(f"ios: converted program has no embedding constant {LUT_EMBED_NAME} "
+                              f"(coremltools/torch naming changed?) or no palettized embedding to ship")
         passes.append(PASS_REGISTRY["compression::palettize_weights"])
-        passes[1].set_options([PassOption("config", palettize_config(lut_names, lut_fn)),
+        passes[1].set_options([PassOption("config", palettize_config(lut_names, table_lut_function(lut.tables))),
                                PassOption("joint_compression", False)])
+    elif not any(n in constants for n in (*EMBED_NAMES, "p_embed_piece_0_to_fp16")):
+        raise ExportError(f"ios: converted program has no embedding constant {EMBED_NAMES[0]} "
+                          f"(coremltools/torch naming changed?)")
     mlmodel._mil_program = None
     gc.collect()
     with patched():
@@ -239,17 +191,22 @@ def spill_weights(model: torch.nn.Module, directory: Path | None = None) -> int:
 
 
 def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str | None = "lut6",
-                    progress=lambda stage, msg: None, spill: bool = False) -> Path:
+                    progress=lambda stage, msg: None, spill: bool = False, weights: dict | None = None) -> Path:
     """Write ``out`` (an .mlpackage with functions ``prefill`` and ``decode``).
 
-    embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS. ``spill``: first
-    move the model's large weights to mapped files (spill_weights: the model's modules are changed
-    in place, same values)."""
+    embedding None keeps every weight float16 (scheme fp16), else see EMBEDDINGS: the package then
+    holds ``weights`` (the shipped QuantizedModel.tensors: QTensor codes and scales, the Lut6
+    embedding) exactly. ``spill``: first move the model's large weights to mapped files
+    (spill_weights: the model's modules are changed in place, same values)."""
     if (embedding == "lut6") != model.row_scaled:
         raise ExportError("ios: the palettized embedding needs CoreMLMiniCPM(row_scaled_embedding=True) "
                           "and only it")
     if chunk > model.context:
         raise ExportError(f"ios: prefill_chunk {chunk} exceeds the context window {model.context}")
+    if embedding is not None and weights is None:
+        raise ExportError("ios: a compressed package needs the shipped (quantized) weights")
+    constants = shipped_constants(weights, model.pieces) if embedding is not None else {}
+    lut = weights.get("tok_embeddings.weight") if embedding == "lut6" else None
     with tempfile.TemporaryDirectory(prefix="mcpm-coreml-") as tmp:
         if spill:
             progress("spill", "moving the float32 weights to memory-mapped files")
@@ -259,9 +216,9 @@ def build_mlpackage(model: CoreMLMiniCPM, chunk: int, out: Path, embedding: str 
             progress(name, f"converting function '{name}' ({tokens} token(s))")
             mlmodel = convert_function(model, tokens, prefill, progress)
             if embedding is not None:
-                progress("compress", f"compressing '{name}' weights (int4 per-block {BLOCK_SIZE}, "
-                                   f"embedding {embedding})")
-                mlmodel = compress(mlmodel, embedding)
+                progress("compress", f"'{name}': the shipped int4 per-block {BLOCK_SIZE} weights, "
+                                     f"embedding {embedding}")
+                mlmodel = compress(mlmodel, embedding, constants, lut)
                 gc.collect()
             parts[name] = Path(tmp) / f"{name}.mlpackage"
             progress("save", f"saving '{name}'")

@@ -16,7 +16,12 @@ perplexity, so it is not used.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
+
+from .wrapper import split_row_scale
 
 LUT_BITS = 6
 LUT_GROUP = 32          # hidden columns sharing one table
@@ -57,23 +62,54 @@ def nearest(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, values.reshape(-1).astype(np.float32)).astype(np.uint8)
 
 
-def lut_function(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """coremltools ``OpPalettizerConfig(mode="custom")`` callback: one group's table and indices."""
-    lut = kmeans_lut(group)
-    return lut, nearest(group, lut)
+@dataclass
+class Lut6:
+    """The palettized embedding as the package holds it: per group of LUT_GROUP columns a sorted
+    float16 table, a 6-bit index per weight (kept as uint8) and a float16 scale per row."""
+    tables: np.ndarray      # float16 [cols / LUT_GROUP, 2**LUT_BITS]
+    indices: np.ndarray     # uint8 [rows, cols]
+    row_scale: np.ndarray   # float16 [rows]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.indices.shape
+
+    @property
+    def nbytes(self) -> int:
+        return packed_bytes(*self.shape)
+
+    def rows(self) -> np.ndarray:
+        """The normalised rows (table values), float32 [rows, cols]."""
+        rows, cols = self.shape
+        groups = np.arange(cols) // LUT_GROUP
+        return self.tables[groups[None, :], self.indices].astype(np.float32).reshape(rows, cols)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, cols] exactly as the package decompresses it (targets/coreml/verify.py)."""
+        return self.rows() * self.row_scale.astype(np.float32)[:, None]
+
+
+@dataclass(frozen=True)
+class Lut6Codec:
+    """exporter/streaming.py codec (targets.base.Quantization.codecs): weight -> Lut6."""
+    name: str = "lut6"
+
+    def encode(self, weight: torch.Tensor) -> Lut6:
+        rows, scale = split_row_scale(weight)
+        norm = rows.numpy().astype(np.float16)
+        del rows
+        indices = np.empty(norm.shape, np.uint8)
+        tables = np.empty((norm.shape[1] // LUT_GROUP, 1 << LUT_BITS), np.float16)
+        for g in range(tables.shape[0]):
+            cols = slice(g * LUT_GROUP, (g + 1) * LUT_GROUP)
+            tables[g] = kmeans_lut(norm[:, cols])
+            indices[:, cols] = nearest(norm[:, cols], tables[g]).reshape(norm.shape[0], LUT_GROUP)
+        return Lut6(tables, indices, scale.numpy().astype(np.float16))
 
 
 def dequantize(weight: np.ndarray) -> np.ndarray:
     """What the package will hold for ``weight`` [rows, cols] (float32), for tests and estimates."""
-    w = np.asarray(weight, np.float16)
-    scale = np.abs(w).max(axis=1, keepdims=True)
-    scale[scale == 0] = 1
-    norm = w / scale
-    out = np.empty(w.shape, np.float32)
-    for c in range(0, w.shape[1], LUT_GROUP):
-        lut = kmeans_lut(norm[:, c:c + LUT_GROUP])
-        out[:, c:c + LUT_GROUP] = lut[nearest(norm[:, c:c + LUT_GROUP], lut)].reshape(w.shape[0], -1)
-    return out * scale.astype(np.float32)
+    return Lut6Codec().encode(torch.from_numpy(np.asarray(weight, np.float32))).dequantize()
 
 
 def packed_bytes(rows: int, cols: int, bits: int = LUT_BITS, group: int = LUT_GROUP) -> int:
@@ -81,14 +117,14 @@ def packed_bytes(rows: int, cols: int, bits: int = LUT_BITS, group: int = LUT_GR
     return -(-rows * cols * bits // 8) + (cols // group) * (1 << bits) * 2 + rows * 2
 
 
-def shared_lut_function(pieces: list[np.ndarray]):
-    """``lut_function`` for the --ane-head pieces of one matrix (row blocks, in order): every piece gets
-    the tables of the whole matrix, the ones an unsplit package has, so both packages hold the same
-    weights. coremltools calls the function once per group of LUT_GROUP columns, op after op and the
-    groups of an op in column order, so the call count modulo the groups per op names the group."""
-    groups = pieces[0].shape[1] // LUT_GROUP
-    tables = [kmeans_lut(np.concatenate([p[:, g * LUT_GROUP:(g + 1) * LUT_GROUP] for p in pieces]))
-              for g in range(groups)]
+def table_lut_function(tables: np.ndarray):
+    """``lut_function`` handing out precomputed tables (Lut6.tables, one per group of LUT_GROUP
+    columns) for one matrix or its --ane-head pieces (row blocks, in order): every piece gets the
+    tables of the whole matrix, so split and unsplit packages hold the same weights. coremltools calls
+    the function once per group, op after op and the groups of an op in column order, so the call
+    count modulo the groups per op names the group. The values it is handed are table entries
+    (Lut6.rows()), so ``nearest`` gives back the encoded indices."""
+    groups = tables.shape[0]
     calls = iter(range(1 << 62))
 
     def lut_for(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

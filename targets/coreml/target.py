@@ -16,22 +16,29 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from exporter.errors import ExportError
-from exporter.quality import CALIBRATION_TEXT, QualityReport, gate, perplexity
+from exporter.quality import CALIBRATION_TEXT
+from exporter.quant import SCHEMES, Scheme, dequantize
 from exporter.tokenizer import Tokenizer
+from targets.base import ExportPlan, Quantization, Tolerance, check_choices
 
 from .budget import compute_units, memory_budget
-from .prequant import QUANTIZER, input_covariance, prequantize_state_dict
-from .convert import (ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS, build_mlpackage, io_spec, spill_large,
-                      spill_weights, weight_file)
+from .convert import build_mlpackage, io_spec, spill_large, weight_file
+from .options import ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS, IOSOptions, IOSSettings
+from .palettize import Lut6Codec
 from .side_files import PACKAGE, write_readme, write_side_files
-from .verify import check, model_from_state, numerics, package_state_dict, structure
+from .verify import LOGIT_BOUND, check, model_from_state, numerics, structure
 from .wrapper import CoreMLMiniCPM, head_pieces
 
 VERIFY_STEPS = 32
 # Default embedding / tied head per scheme; the target option ``embedding`` (api.export(...,
 # embedding="int8")) picks another of convert.EMBEDDINGS.
 DEFAULT_EMBEDDING = {"q4f16": "int4", "q4f16_e8": "lut6"}
+COMPRESSION = (f"linear weights: the central quantizer's q4f16 codes and float16 scales as int4 "
+               f"constexpr_blockwise_shift_scale per_block {BLOCK_SIZE} (targets/coreml/shipped.py); "
+               f"embedding/head per quantization.embedding")
 
 CHUNKING_RULE = (
     "Split the prompt into chunks of prefill_chunk tokens. For each chunk call 'prefill' with "
@@ -54,97 +61,67 @@ def parse_deployment_target(value: str | int | None) -> int:
     return int(m.group(1))
 
 
-@dataclass(frozen=True)
-class IOSOptions:
-    deployment_target: int          # iOS major version
-    embedding: str | None           # a kind of convert.EMBEDDINGS, None = float16 weights
-    head_rows: int | None = None    # --ane-head: rows per head/embedding piece (ANE_MAX_DIM)
+# What the centre quantizes per embedding kind: int4 and int8 are the schemes' own codes (shipped
+# exactly, targets/coreml/shipped.py); lut6 keeps the embedding for the target's palette codec.
+LUT6_SCHEME = Scheme("q4f16_lut6", 4, None, "int4 group-32 linears (q4f16 codes); embedding/tied head "
+                                            "6-bit palettized (targets/coreml/palettize.py)")
+SCHEME_FOR = {"int4": SCHEMES["q4f16"], "int8": SCHEMES["q4f16_e8"], "lut6": LUT6_SCHEME, None: SCHEMES["fp16"]}
 
 
 class IOSTarget:
     name = "ios"
-    allows_vision = False
+    Options = IOSOptions
 
-    def check_options(self, recipe, options: dict) -> IOSOptions:
-        """Refusals that need no model: vision recipes, too-old deployment targets, bad options.
-
-        Options: deployment_target, embedding, ane_head (bool), ane_head_rows (int, API only: the
-        piece size, default ANE_MAX_DIM; the tests use a smaller one on tiny's 8192-token vocabulary)."""
-        deployment_target = options.get("deployment_target")
+    def plan(self, recipe, options: IOSOptions) -> ExportPlan:
+        """Refusals that need no model (vision recipes, too-old deployment targets, bad options), and
+        what the centre quantizes for this package."""
+        check_choices(options, self.name)
         if recipe.is_vision:
             raise ExportError(f"ios: recipe '{recipe.name}' is a vision model; the iOS target is "
                               f"text only (export it for android or harmony)")
-        ios = parse_deployment_target(deployment_target)
+        ios = parse_deployment_target(options.deployment_target)
         if recipe.quantization not in DEFAULT_EMBEDDING and recipe.quantization != "fp16":
             raise ExportError(f"ios: recipe '{recipe.name}' uses scheme '{recipe.quantization}', "
                               f"which the Core ML target does not support")
         embedding = DEFAULT_EMBEDDING.get(recipe.quantization)
-        if options.get("embedding"):
+        if options.embedding:
             if embedding is None:
                 raise ExportError(f"ios: recipe '{recipe.name}' keeps float16 weights; the embedding "
                                   f"option needs an int4 scheme")
-            if options["embedding"] not in EMBEDDINGS:
-                raise ExportError(f"ios: embedding '{options['embedding']}': expected one of "
-                                  f"{', '.join(EMBEDDINGS)}")
-            embedding = options["embedding"]
+            embedding = options.embedding
         if ios < MIN_IOS:
             why = ("int4 weights (constexpr_blockwise_shift_scale) need" if embedding
                    else "the stateful KV cache (Core ML states) needs")
             raise ExportError(f"ios: --deployment-target iOS{ios} is too old: {why} iOS {MIN_IOS} "
                               f"or newer (recipe '{recipe.name}', scheme {recipe.quantization})")
         head_rows = None
-        if options.get("ane_head") or options.get("ane_head_rows"):
-            head_rows = options.get("ane_head_rows") or ANE_MAX_DIM
+        if options.ane_head or options.ane_head_rows:
+            head_rows = options.ane_head_rows or ANE_MAX_DIM
             if not isinstance(head_rows, int) or not 1 <= head_rows <= ANE_MAX_DIM:
                 raise ExportError(f"ios: ane_head_rows must be an integer in 1..{ANE_MAX_DIM}, got {head_rows!r}")
-        return IOSOptions(ios, embedding, head_rows)
+        embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
+        notes = (("embedding_bits", embed["bits"]), ("embedding", {"kind": embedding or "fp16", **embed}),
+                 ("block_size", BLOCK_SIZE), ("coreml", COMPRESSION if embedding else "none (float16)"))
+        codecs = (("tok_embeddings.weight", Lut6Codec()),) if embedding == "lut6" else ()
+        return ExportPlan(self.name, Quantization(SCHEME_FOR[embedding], recipe.quantizer, codecs, notes),
+                          ("text",), Tolerance(VERIFY_STEPS, LOGIT_BOUND), options,
+                          IOSSettings(ios, embedding, head_rows))
 
     def build(self, ctx, staging: Path) -> dict:
-        recipe, cfg = ctx.recipe, ctx.config
-        opts = self.check_options(recipe, ctx.options)
-        ios, embedding = opts.deployment_target, opts.embedding
-        if ios != MIN_IOS:
-            ctx.progress.log(f"note: the package targets iOS {MIN_IOS} (runs on iOS {ios})")
+        recipe, cfg, opts = ctx.recipe, ctx.config, ctx.plan.settings
+        embedding = opts.embedding
+        if opts.deployment_target != MIN_IOS:
+            ctx.progress.log(f"note: the package targets iOS {MIN_IOS} (runs on iOS {opts.deployment_target})")
         package = staging / PACKAGE
-        if embedding:
-            with ctx.progress.stage("coreml load reference"):
-                load_mapped_reference(ctx)
-        source = ctx.reference
-        n_params = sum(p.numel() for p in source.parameters())
-        names = list(source.state_dict())
-        if embedding:
-            with ctx.progress.stage("coreml prequantize"):
-                # Memory (docs/ios.md): the float32 reference's weights, and the GPTQ-rounded ones
-                # as they are made, are mapped from files (same values) instead of held in memory.
-                spill_weights(ctx.reference)     # no-op when load_mapped_reference built it
-                tok = Tokenizer(ctx.tokenizer_path)
-                calib = tok.encode(CALIBRATION_TEXT.read_text())
-                cov = input_covariance(ctx.reference, calib, count=recipe.calibration_windows)
-                ctx.progress.log(f"GPTQ rounding onto Core ML's int4 grid "
-                                 f"({recipe.calibration_windows} calibration windows)")
-                state = prequantize_state_dict(ctx.reference.state_dict(), cov, store=spill_large,
-                                               consume=True)
-                del cov, source
-                # the GPTQ-rounded model replaces the reference (rebuilt on demand if needed
-                # later) and holds the state's tensors themselves, no second copy
-                release_reference(ctx)
-                source = model_from_state(cfg, state)
-                del state
+        tensors = ctx.quantized.tensors
+        names = list(tensors)
         with ctx.progress.stage("coreml convert"):
-            model = CoreMLMiniCPM(source, recipe.context_window, row_scaled_embedding=embedding == "lut6",
-                                  head_rows=opts.head_rows).eval()
-            del source
-            # spill the float32 weights to mapped files only when the model is this target's own
-            # (with an int4 scheme); in fp16 its modules are ctx.reference's
-            build_mlpackage(model, recipe.prefill_chunk, package, embedding,
-                            progress=lambda _stage, msg: ctx.progress.log(msg),
-                            spill=embedding is not None)
-            del model
-            gc.collect()
+            n_params = convert_weights(tensors, cfg, recipe.context_window, recipe.prefill_chunk, package,
+                                       embedding, opts.head_rows, lambda _stage, msg: ctx.progress.log(msg))
             deterministic_package_manifest(package)
         files = write_side_files(ctx, staging)
         with ctx.progress.stage("coreml verify"):
-            verification, quality = self._verify(ctx, package, opts, names)
+            verification = self._verify(ctx, package, opts, names)
         wbytes = weight_file(package).stat().st_size
         budget = memory_budget(cfg, recipe.context_window, recipe.prefill_chunk, weights=wbytes)
         units = compute_units(verification["structure"]["max_tensor_dim"], embedding, bool(opts.head_rows))
@@ -152,19 +129,8 @@ class IOSTarget:
         logits_shape = ([1, *head_pieces(cfg.vocab_size, opts.head_rows)] if opts.head_rows
                         else [1, 1, cfg.vocab_size])
         ctx.progress.log(f"weight.bin {wbytes / 1e6:.2f} MB = {wbytes / n_params:.3f} bytes/parameter")
-        embed = EMBEDDINGS[embedding] if embedding else {"scheme": "float16", "bits": 16}
-        compression = ("none (float16)" if embedding is None else
-                       f"linear weights int4 linear_symmetric per_block {BLOCK_SIZE}, values "
-                       f"chosen beforehand by the shared GPTQ quantizer on Core ML's grid "
-                       f"(exporter/quantizers.py, targets/coreml/prequant.py); embedding/head {embedding}")
         result = {
             "backend": "coreml",
-            "quantization": {"scheme": recipe.quantization, "coreml": compression,
-                             "quantizer": QUANTIZER if embedding else "none",
-                             "tool": "coremltools.optimize.coreml.linear_quantize_weights",
-                             "block_size": BLOCK_SIZE, "embedding_bits": embed["bits"],
-                             "embedding": {"kind": embedding or "fp16", **embed}},
-            "quality": quality,
             "coreml": {
                 "package": PACKAGE,
                 "minimum_deployment_target": f"iOS{MIN_IOS}",
@@ -194,7 +160,7 @@ class IOSTarget:
         return result
 
     @staticmethod
-    def _verify(ctx, package: Path, opts: IOSOptions, names: list[str]) -> tuple[dict, dict]:
+    def _verify(ctx, package: Path, opts: IOSSettings, names: list[str]) -> dict:
         from .mil_interp import Interpreter
         from .verify import max_tensor_dim
 
@@ -211,61 +177,36 @@ class IOSTarget:
         calib = tok.encode(CALIBRATION_TEXT.read_text())
         n_prompt = min(recipe.prefill_chunk * 3 // 2 + 4, recipe.context_window - VERIFY_STEPS)
         report = numerics(interp, cfg, names, calib[:n_prompt], recipe.context_window,
-                          recipe.prefill_chunk, VERIFY_STEPS,
+                          recipe.prefill_chunk, ctx.plan.tolerance.greedy_tokens,
                           progress=lambda _s, msg: ctx.progress.log(msg))
         check(report, package)
         ctx.progress.log(f"Core ML vs PyTorch int4 reference: {report.steps} greedy tokens identical, "
                          f"max |logit diff| {report.max_abs_logit_diff:.4f} (bound {report.logit_bound})")
-        quality = dict(ctx.quality)
-        gate_ids, windows = calib[512 * recipe.calibration_windows:], recipe.gate_windows
-        if embedding and windows and len(gate_ids) >= 512:
-            interp.drop_cache()     # the interpreter's float16 weights; the float32 model follows
-            gc.collect()
-            coreml_ref = model_from_state(cfg, package_state_dict(interp, names, store=spill_large))
-            if not quality.get("ppl_fp"):
-                load_mapped_reference(ctx)      # released after the GPTQ pass
-            ppl_fp = quality.get("ppl_fp") or perplexity(ctx.reference, gate_ids, count=windows)
-            ppl_q = perplexity(coreml_ref, gate_ids, count=windows)
-            quality.update({"ppl_fp": round(ppl_fp, 4), "ppl_int4": round(ppl_q, 4),
-                            "loss_pct": round(100 * (ppl_q / ppl_fp - 1), 3),
-                            "int4_weights": "Core ML package (decompressed as Core ML does)"})
-            if "ppl_int4" in ctx.quality:
-                quality["ppl_int4_q4f16"] = ctx.quality["ppl_int4"]
-            ctx.progress.log(f"perplexity fp {ppl_fp:.3f} -> Core ML int4 {ppl_q:.3f} "
-                             f"({quality['loss_pct']:+.2f}%, limit {recipe.max_ppl_loss_pct}%)")
-            gate(QualityReport(ppl_fp, ppl_q, windows * 512, windows,
-                               f"{CALIBRATION_TEXT.name} (windows {recipe.calibration_windows}+), "
-                               f"Core ML weights",
-                               recipe.max_ppl_loss_pct),
-                 override=bool(ctx.options.get("allow_quality_loss")))
-        verification = {"method": "NumPy MIL interpreter (targets/coreml/mil_interp.py) vs PyTorch "
-                                  "reference with the package's decompressed weights",
-                        **report.to_dict(), "structure": {k: v for k, v in facts.items()
-                                                          if k != "fp32_constants"}}
-        return verification, quality
+        return {"method": "NumPy MIL interpreter (targets/coreml/mil_interp.py) vs PyTorch "
+                          "reference with the package's decompressed weights",
+                "weights": "the centrally quantized and gated weights (targets/coreml/shipped.py: same codes "
+                           "and scales, decompressed in float16)",
+                **report.to_dict(), "structure": {k: v for k, v in facts.items() if k != "fp32_constants"}}
 
 
-def load_mapped_reference(ctx) -> None:
-    """Build ctx.reference (the float32 reference of the original weights) one tensor at a time,
-    each large one mapped from a file (convert.spill_large), when it is not built yet.
+def convert_weights(tensors: dict, cfg, context: int, chunk: int, package: Path, embedding: str | None,
+                    head_rows: int | None = None, progress=lambda stage, msg: None) -> int:
+    """The .mlpackage holding ``tensors`` (QuantizedModel.tensors as shipped: QTensor codes and scales,
+    the Lut6 embedding, float16 arrays); returns the parameter count.
 
-    ExportContext.load_reference (MiniCPM.from_state_dict of the whole float32 state dict) holds two
-    float32 copies at once, 21.8 GB for MiniCPM-2B; this holds about one tensor. Same tensors as
-    Checkpoint.text_tensors (exporter/checkpoint.py); the ios target is text only (no prefix)."""
-    ckpt = ctx.checkpoint
-    if "reference" in ctx.__dict__ or not (hasattr(ckpt, "text_plan") and hasattr(ckpt, "getter")):
-        return
-    plan = ckpt.text_plan(ctx.config, "")
-    get = ckpt.getter(plan)
-    state = {canon: spill_large(get(canon)) for canon in sorted(plan)}
-    ctx.__dict__["reference"] = model_from_state(ctx.config, state)
-
-
-def release_reference(ctx) -> None:
-    """Drop the context's cached float32 reference model (ExportContext.reference is a
-    cached_property: the next use rebuilds it from the checkpoint)."""
-    ctx.__dict__.pop("reference", None)
+    Memory (docs/ios.md): the weights, dequantized to float32 one tensor at a time for torch.export,
+    are mapped from files (convert.spill_large), not held in memory."""
+    source = model_from_state(cfg, {n: spill_large(torch.from_numpy(dequantize(t))) for n, t in tensors.items()})
+    n_params = sum(p.numel() for p in source.parameters())
+    lut = tensors["tok_embeddings.weight"] if embedding == "lut6" else None
+    split = (torch.from_numpy(lut.rows()), torch.from_numpy(lut.row_scale.astype("float32"))) if lut else None
+    model = CoreMLMiniCPM(source, context, row_scaled_embedding=embedding == "lut6", head_rows=head_rows,
+                          row_split=split).eval()
+    del source, split
+    build_mlpackage(model, chunk, package, embedding, progress=progress, spill=True, weights=tensors)
+    del model
     gc.collect()
+    return n_params
 
 
 def deterministic_package_manifest(package: Path) -> None:

@@ -26,6 +26,7 @@ from .convert import LUT_EMBED_NAME, PIECE_NAME, STATE_NAMES, spill_large
 from .mil_interp import Interpreter
 from .palettize import LUT_BITS
 from .session import ChatSession, Contract
+from .shipped import mil_const_name
 from .wrapper import flat_logits
 
 FUNCTIONS = ("prefill", "decode")
@@ -97,11 +98,6 @@ def structure(interp: Interpreter, embedding: str | None = None, max_dim: int | 
         raise ExportError(f"Core ML package has a tensor dimension {facts['max_tensor_dim']} > {max_dim} "
                           f"({where}): not Neural Engine friendly")
     return facts
-
-
-def mil_const_name(canonical: str) -> str:
-    """Constant name the torch.export -> Core ML conversion gives a reference-model parameter."""
-    return "p_" + canonical.replace(".", "_") + "_to_fp16"
 
 
 def model_from_state(cfg: MiniCPMConfig, state: dict[str, torch.Tensor]) -> MiniCPM:

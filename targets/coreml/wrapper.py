@@ -36,7 +36,7 @@ class CoreMLMiniCPM(nn.Module):
     """
 
     def __init__(self, ref: MiniCPM, context: int, row_scaled_embedding: bool = False,
-                 head_rows: int | None = None):
+                 head_rows: int | None = None, row_split: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         cfg = ref.cfg
         self.cfg, self.context = cfg, context
@@ -49,7 +49,8 @@ class CoreMLMiniCPM(nn.Module):
             raise ExportError("ios: the palettized embedding (lut6) and --ane-head need tied "
                               "embeddings (tie_word_embeddings); use embedding='int8' without --ane-head")
         if row_scaled_embedding:
-            rows, scale = split_row_scale(ref.tok_embeddings.weight.detach())
+            # row_split: (rows, scale) already chosen (the shipped Lut6: table values, row scales)
+            rows, scale = row_split or split_row_scale(ref.tok_embeddings.weight.detach())
             self.embed_rows = nn.Parameter(rows, requires_grad=False)
             self.register_buffer("embed_row_scale", scale, persistent=False)
             self.tok_embeddings = None

@@ -33,6 +33,7 @@ from exporter.verify import expected_prefix
 
 from . import mlc
 from .model import KV_DTYPE, MiniCPMTVM, q4_at, q8_at
+from .options import BACKENDS  # noqa: F401  (--backend -> builds; targets/tvm_vision.py reads it here)
 from .reproducible import canonical_shape_funcs
 
 TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
@@ -40,7 +41,6 @@ TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}
 # instructions (generic x86-64 calls a soft-float helper per weight: 8x slower decode).
 HOST_TARGET = {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"}
 # OpenCL device code; max_num_threads 256 / 32 KB shared memory fit both Adreno 6xx+ and Mali G7x+.
-BACKENDS = {"cpu": ("cpu",), "opencl": ("opencl",), "all": ("cpu", "opencl")}   # --backend -> builds
 DEFAULT_CONTEXT, DEFAULT_CHUNK = 2048, 128   # a recipe's context_window / prefill_chunk override these
 OPENCL_TARGET = {"kind": "opencl", "max_num_threads": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1}

@@ -34,18 +34,20 @@ from exporter.errors import ExportError
 from exporter.hf_tokenizer import write_hf_tokenizer
 from exporter.model import MiniCPM
 from exporter.progress import Progress
-from exporter.quant import QuantizedModel
+from exporter.quant import SCHEMES, QuantizedModel
 from exporter.recipes import Recipe
 from exporter.tokenizer import Tokenizer
 from runner.build import install_runner
 
+from targets.base import ExportPlan, Quantization, Tolerance, check_choices
+
 from . import mlc, pipeline
 from .params import tvm_params, write_tensor_cache
+from .options import BACKENDS, TVMOptions
 from .presets import get_preset
 from .model import KV_DTYPE, kv_cache_bytes
 from .runner import PAGE_SIZE, TVMModel
 
-BACKENDS = pipeline.BACKENDS
 VERIFY_TOKENS = 64
 # Bounds on max |logit(host build) - logit(PyTorch)| over all verified steps; tiny's logits are O(10).
 LOGIT_ATOL = 2e-3          # plain pipeline, fp32 everywhere: measured 1.7e-5..2.1e-5 on tiny
@@ -247,22 +249,31 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
 
 class TVMTarget:
     """android / harmony: the same pipeline, different triple (aarch64-linux-android / aarch64-linux-ohos)."""
-    allows_vision = True
+    Options = TVMOptions
 
     def __init__(self, name: str):
         self.name = name
 
+    def plan(self, recipe: Recipe, options: TVMOptions) -> ExportPlan:
+        check_choices(options, self.name)
+        if recipe.quantization not in SCHEMES:
+            raise ExportError(f"{self.name}: recipe '{recipe.name}' uses unknown scheme '{recipe.quantization}'")
+        return ExportPlan(self.name, Quantization(SCHEMES[recipe.quantization], recipe.quantizer),
+                          ("text", "vision") if recipe.is_vision else ("text",),
+                          Tolerance(VERIFY_TOKENS, LOGIT_ATOL), options)
+
     def build(self, ctx, staging: Path) -> dict:
-        opts = ctx.options
+        opts = ctx.plan.options
         req = BuildRequest(recipe=ctx.recipe, config=ctx.config, weights=ctx.quantized,
                            tokenizer_dir=Path(ctx.tokenizer_path).parent, platform=self.name,
-                           backend=opts.get("backend") or "cpu", soc=opts.get("soc") or "generic",
-                           progress=ctx.progress, reference=ctx.quant_reference)
+                           backend=opts.backend, soc=opts.soc, progress=ctx.progress,
+                           reference=ctx.quant_reference)
         extra = build_bundle(req, staging)
-        if ctx.recipe.is_vision:
-            from targets.tvm_vision import build_vision_part
+        if "vision" in ctx.plan.components:
+            from targets.tvm_vision import build_vision
             with ctx.progress.stage("vision"):
-                extra.update(build_vision_part(ctx, staging, self.name))
+                extra.update(build_vision(Path(ctx.checkpoint.path), ctx.recipe, staging, self.name,
+                                          opts.backend, opts.soc, ctx.progress, opts.vision_weights))
         return extra
 
 
