@@ -34,16 +34,20 @@ VISION_FUNCTION = "image_embed"   # the vision library's VM function (DESIGN.md,
 VISION_DIR = "vision"             # the vision part's folder in the bundle
 
 
+def host_vm(lib: Path | tvm.runtime.Module, params: list[np.ndarray], what: str):
+    """(device, VirtualMachine, params on the device) of a host (x86_64) library or loaded module."""
+    if isinstance(lib, (str, Path)):
+        if not Path(lib).is_file():
+            raise ExportError(f"{lib}: compiled {what} library not found")
+        lib = tvm.runtime.load_module(str(lib))
+    dev = tvm.cpu()
+    return dev, relax.VirtualMachine(lib, dev), [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in params]
+
+
 class TVMModel:
     def __init__(self, lib: Path | tvm.runtime.Module, params: list[np.ndarray], context_window: int,
                  prefill_chunk: int):
-        if isinstance(lib, (str, Path)):
-            if not Path(lib).is_file():
-                raise ExportError(f"{lib}: compiled model library not found")
-            lib = tvm.runtime.load_module(str(lib))
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(lib, self.dev)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in params]
+        self.dev, self.vm, self.params = host_vm(lib, params, "model")
         self.context_window, self.prefill_chunk = context_window, prefill_chunk
         g = tvm.get_global_func
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
@@ -163,13 +167,7 @@ class VisionRunner:
     """Host runtime of the compiled vision library: image -> [n_images * query_num, hidden]."""
 
     def __init__(self, lib, params: list[np.ndarray], vcfg: VisionConfig, key_pos: np.ndarray | None = None):
-        if isinstance(lib, (str, Path)):
-            if not Path(lib).is_file():
-                raise ExportError(f"{lib}: compiled vision library not found")
-            lib = tvm.runtime.load_module(str(lib))
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(lib, self.dev)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in params]
+        self.dev, self.vm, self.params = host_vm(lib, params, "vision")
         self.cfg, self.key_pos = vcfg, key_pos
 
     @classmethod

@@ -7,8 +7,9 @@ tvm.relax.frontend.torch.from_exported_program, then lowered by the text model's
 (targets/tvm/pipeline.compile_ir with ``dynamic_shapes`` and the CPU matmul schedule of
 vision_schedule.py) for the same targets plus x86_64 for host verification; the weights go through
 the same tensor-cache writer (params.write_tensor_cache). The host runtime is
-targets/tvm/runner.VisionRunner; parity uses exporter/parity.compare. N has no upper bound: TVM allocates the N-sized intermediates at
-run time (a bound would make its static planner reserve the worst case, e.g. N^2 attention).
+targets/tvm/runner.VisionRunner; parity uses exporter/parity.compare. N has no upper bound: TVM
+allocates the N-sized intermediates at run time (a bound would make its static planner reserve the
+worst case, e.g. N^2 attention). The export hands over its opened checkpoint (ctx.checkpoint).
 
 Bundle additions (next to the text model's files in the same staging directory)::
 
@@ -197,6 +198,7 @@ def weight_format(recipe, backend: str, option: str | None = None) -> tuple[str,
     if asked == "q8" and backend != "cpu":
         return "fp32", f"--backend {backend}: the OpenCL vision build keeps fp32 weights (q8 is CPU only)"
     return asked, "requested" if option or asked != "q8" else "default"
+
 
 def build_vision(checkpoint: Path | Checkpoint | MiniCPMVCheckpoint, recipe, staging: Path, platform: str,
                  backend: str = "cpu", soc: str = "generic", progress=None, weights: str | None = None) -> dict:
