@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exporter.vision import preprocess as pp  # noqa: E402
 from exporter.vision.config import VisionConfig  # noqa: E402
 from exporter.vision.model import MiniCPMVVision, VisionEncoder  # noqa: E402
-from targets.tvm_vision import VisionRunner, compile_vision, export_ir, synthetic_image  # noqa: E402
+from targets.tvm.runner import VisionRunner  # noqa: E402
+from targets.tvm.vision import compile_vision, export_ir, synthetic_image  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:
@@ -72,7 +73,7 @@ def main() -> None:
             sess = OnnxVision(export_onnx(vision, Path(d) / "v.onnx"), cfg)
             row("onnxruntime CPU (2 threads)", timed(lambda: sess.embed_one(img), a.repeat))
     from targets.tvm import kernels, pipeline
-    from targets.tvm_vision import dequantized_vision
+    from targets.tvm.vision import dequantized_vision
     notes, outs = [], {}
     for weights, name, target in (
             ("fp32", "TVM fp32 weights, x86-64-v3 (targets/tvm/vision_schedule.py)", pipeline.HOST_TARGET),

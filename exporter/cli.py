@@ -182,7 +182,7 @@ def run_cmd(bundle, prompt, max_new_tokens, as_json, image, chat):
     from targets.tvm.runner import run_bundle
 
     if image is not None:
-        from targets.tvm_vision import run_bundle_with_image
+        from targets.tvm.runner import run_bundle_with_image
         res = run_bundle_with_image(Path(bundle), Path(image), prompt, max_new_tokens)
     else:
         res = run_bundle(Path(bundle), prompt, max_new_tokens, chat=chat)

@@ -6,6 +6,7 @@ embeddings * scale_emb; each residual branch * scale_depth/sqrt(L); logits = hea
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch import nn
 
 from .config import MiniCPMConfig
 from .errors import ExportError
+from .parity import greedy
 
 
 class RMSNorm(nn.Module):
@@ -155,22 +157,36 @@ class MiniCPM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None,
                  prefill_chunk: int | None = None) -> tuple[list[int], list[torch.Tensor]]:
-        """Greedy KV-cached generation. Returns (new token ids, logits of each step)."""
-        cache = KVCache(self.cfg, len(prompt) + max_new_tokens)
-        ids = torch.tensor([prompt])
-        chunk = prefill_chunk or len(prompt)
-        for s in range(0, len(prompt), chunk):
-            logits = self(ids[:, s:s + chunk], cache, start=s, last_only=True)
-        out, steps = [], []
-        for _ in range(max_new_tokens):
-            step = logits[0, -1]
-            steps.append(step)
-            nxt = int(step.argmax())
-            out.append(nxt)
-            if eos_id is not None and nxt == eos_id:
-                break
-            logits = self(torch.tensor([[nxt]]), cache, start=cache.length, last_only=True)
-        return out, steps
+        """Greedy KV-cached generation (exporter/parity.greedy). Returns (new token ids, logits of each step)."""
+        engine = ReferenceEngine(self, len(prompt) + max_new_tokens, prefill_chunk)
+        gen = greedy(engine, prompt, max_new_tokens, () if eos_id is None else (eos_id,))
+        return gen.tokens, gen.logits
+
+
+class ReferenceEngine:
+    """The PyTorch reference as an exporter/parity Engine: a KV cache of ``max_len`` positions, prefill
+    in chunks of ``prefill_chunk`` (default: the whole prompt). ``embed_hook`` may rewrite the prompt's
+    embeddings [1, n, hidden] (after scale_emb) before prefill (the vision splice)."""
+
+    def __init__(self, model: MiniCPM, max_len: int, prefill_chunk: int | None = None,
+                 embed_hook: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.max_len, self.chunk, self.embed_hook = model, max_len, prefill_chunk, embed_hook
+        self.cache: KVCache | None = None
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.cache = KVCache(self.model.cfg, self.max_len)
+        h = self.model.embed(torch.tensor([ids]))
+        if self.embed_hook is not None:
+            h = self.embed_hook(h)
+        chunk = self.chunk or len(ids)
+        for s in range(0, len(ids), chunk):
+            logits = self.model.forward_embeds(h[:, s:s + chunk], self.cache, start=s, last_only=True)
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def decode(self, token: int) -> torch.Tensor:
+        return self.model(torch.tensor([[token]]), self.cache, start=self.cache.length, last_only=True)[0, -1]
 
 
 def check_generation(max_new_tokens: int, prompt_len: int | None = None, context_window: int | None = None,
@@ -188,4 +204,4 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MiniCPM", "KVCache", "check_generation", "RMSNorm", "rope_tables", "apply_rope", "param_count", "math"]
+__all__ = ["MiniCPM", "KVCache", "ReferenceEngine", "check_generation", "RMSNorm", "rope_tables", "apply_rope", "param_count", "math"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.parity import greedy
+
 HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, LAYERS = 64, 4, 2, 128, 256, 2
 HEAD_DIM = HIDDEN // HEADS
 ROPE_THETA = 10000.0
@@ -81,13 +83,23 @@ def _forward(p, ids):
     return (h @ p["tok_embeddings.weight"].T)[0]
 
 
+class ReferenceEngine:
+    """The numpy reference as an exporter/parity Engine (no KV cache: every step runs the whole sequence)."""
+
+    def __init__(self, p):
+        self.p, self.ids = p, []
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.ids = list(ids)
+        return _forward(self.p, self.ids)
+
+    def decode(self, token: int) -> np.ndarray:
+        self.ids.append(token)
+        return _forward(self.p, self.ids)
+
+
 def reference_greedy(p, prompt: list[int], gen_len: int) -> list[int]:
-    ids, out = list(prompt), []
-    for _ in range(gen_len):
-        t = int(np.argmax(_forward(p, ids)))
-        out.append(t)
-        ids.append(t)
-    return out
+    return greedy(ReferenceEngine(p), prompt, gen_len).tokens
 
 
 # ---------------------------------------------------------------- TVM module

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.model import MiniCPM
+from exporter.parity import Tolerance
 from exporter.progress import Progress
 from exporter.quant import GROUP, QuantizedModel, Scheme
 from exporter.recipes import Recipe
@@ -63,19 +64,12 @@ class Quantization:
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """How a target's verification compares its engine with the PyTorch reference on the shipped
-    weights: ``greedy_tokens`` equal, every logit within ``logit_atol``."""
-    greedy_tokens: int
-    logit_atol: float
-
-
-@dataclass(frozen=True)
 class ExportPlan:
     target: str
     quantization: Quantization
     components: tuple[str, ...]          # "text", "vision"
-    tolerance: Tolerance
+    verify_tokens: int                   # greedy tokens the build's verification compares
+    tolerance: Tolerance                 # what the target's engine must reproduce (exporter/parity)
     options: Any                         # the target's options dataclass, as given (validated)
     settings: Any = None                 # the target's resolved settings (e.g. IOSSettings)
 

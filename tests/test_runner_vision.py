@@ -8,7 +8,7 @@ Measured (tiny MiniCPM-V bundles, tests/support/tiny_minicpmv.py):
 - plan: equal to slicing.plan_image on every size of the table (incl. 4000x200, 200x4000, 1x1).
 - end to end vs the host build (`mcpm-export run --image`, x86_64 libraries of the same bundle): image
   features within 1e-6 relative with fp32 vision weights (bound 1e-4); with q8 weights (the default,
-  targets/tvm/vision_q8.py) 4e-3..7e-3 (bound targets/tvm_vision.PARITY_RTOL_Q8): ulp-level differences of
+  targets/tvm/vision_q8.py) 4e-3..7e-3 (bound targets/tvm/vision.PARITY_RTOL_Q8): ulp-level differences of
   the fp32 ops between aarch64 and x86_64 flip some int8 activation roundings. Text: the host generates from
   the runner's own features (q8) or its own (fp32): greedy tokens equal, logits within 0.08-0.15 absolute
   (the int4 kernels' activation rounding, as in test_runner.py). Bound: verification.logit_atol (0.5).
@@ -53,7 +53,7 @@ def runner_dir() -> Path:
 def config_bundle(root: Path, version: int) -> tuple[Path, VisionConfig]:
     """A bundle holding only mlc-chat-config.json + vision/vision-config.json (+ V1 key_pos.bin): enough
     for --plan-only / --dump-images, which load no library."""
-    from targets.tvm_vision import _vision_config_json
+    from targets.tvm.vision import _vision_config_json
     vcfg = VisionConfig(version=version, slicing=version >= 2, **TINY)
     (root / "vision").mkdir(parents=True)
     key_pos = None
@@ -99,7 +99,7 @@ def _checkerboard(w: int, h: int) -> Image.Image:
 
 
 def test_resize_and_encoder_inputs_match_pil_and_numpy(runner_dir, v2_config, v1_config, tmp_path):
-    from targets.tvm_vision import synthetic_image
+    from targets.tvm.vision import synthetic_image
     cases = [(v2_config, synthetic_image(w, h, seed=w + h), f"noise{w}x{h}") for w, h in RESIZE_SIZES]
     cases += [(v2_config, _checkerboard(37, 23), "checker37x23"), (v2_config, _checkerboard(2500, 1700), "checker2500"),
               (v1_config, synthetic_image(640, 480), "v1-640x480")]
@@ -189,11 +189,11 @@ def v2_bundle(runner_dir, tmp_path_factory):
 
 
 def host_generate(bundle: Path, image: Image.Image, text_ids: list[int], n: int, feats_in=None) -> dict:
-    """The host (x86_64) libraries of the same bundle, image path of targets/tvm_vision.py: features,
+    """The host (x86_64) libraries of the same bundle, image path of targets/tvm/runner.py: features,
     prompt ids (tokens from vision-config.json, as the runner takes them), greedy tokens and logits
     (generated from ``feats_in`` when given, e.g. the runner's features, else from the host's)."""
     from targets.tvm.runner import load_bundle
-    from targets.tvm_vision import VisionRunner, generate_with_image
+    from targets.tvm.runner import VisionRunner, generate_with_image
     vision = VisionRunner.from_bundle(bundle)
     model, _, _ = load_bundle(bundle)
     plan, feats, _ = vision.embed_image(image)
@@ -216,7 +216,7 @@ def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_pat
     text = Tokenizer(bundle / "tokenizer.model").encode(prompt, bos=False)
     out = run_json(runner_dir, "--bundle", bundle, "--image", ppm, "--prompt-ids", ",".join(map(str, text)),
                    "--gen-len", n, "--threads", 2, "--features-out", tmp_path / "f.bin", "--logits-out", tmp_path / "l.bin")
-    from targets.tvm_vision import PARITY_RTOL_Q8
+    from targets.tvm.vision import PARITY_RTOL_Q8
     vconf = json.loads((bundle / "vision" / "vision-config.json").read_text())
     q8 = vconf["weights"]["format"] == "q8"
     feats = np.fromfile(tmp_path / "f.bin", dtype="<f4").reshape(-1, vconf["config"]["hidden"])
@@ -249,14 +249,14 @@ def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_pat
 @pytest.mark.slow   # exporting the tiny bundle alone takes 25-50 s here, the multi-slice run ~45 s under qemu
 @pytest.mark.parametrize("size", [(400, 300), (1344, 896)], ids=["thumbnail-only", "multi-slice"])
 def test_v2_tokens_equal_host_run(runner_dir, v2_bundle, tmp_path, size):
-    from targets.tvm_vision import synthetic_image
+    from targets.tvm.vision import synthetic_image
     out = check_against_host(runner_dir, v2_bundle, synthetic_image(*size), tmp_path, "Describe the picture:")
     assert out["plan"]["num_images"] == (1 if size == (400, 300) else 7)
 
 
 @pytest.mark.slow
 def test_v1_tokens_equal_host_run(runner_dir, tmp_path_factory, tmp_path):
-    from targets.tvm_vision import synthetic_image
+    from targets.tvm.vision import synthetic_image
     bundle = export_vision_bundle(tmp_path_factory.mktemp("v1"), 1, "fp32")    # V2 bundles: q8 (default)
     out = check_against_host(runner_dir, bundle, synthetic_image(640, 480, seed=3), tmp_path, "Describe the picture:")
     assert out["plan"]["thumbnail"] == [448, 448] and out["plan"]["grid"] is None
@@ -268,7 +268,7 @@ def test_bench_harness_with_image(runner_dir, v2_bundle, adb_server, fake_handse
     from rich.console import Console
 
     from device_tests.harness import REMOTE_IMAGE, BenchConfig, bench, failures
-    from targets.tvm_vision import synthetic_image
+    from targets.tvm.vision import synthetic_image
     png = tmp_path / "pic.png"
     synthetic_image(400, 300, seed=7).save(png)
     _, serial = fake_handset()

@@ -16,10 +16,10 @@ from exporter import api
 from exporter.recipes import get_recipe
 from exporter.vision.loader import load_minicpmv
 from exporter.vision.multimodal import reference_generate
-from exporter.vision.slicing import plan_image
+from exporter.vision.slicing import image_prompt, plan_image
 from targets.tvm.options import TVMOptions
-from targets.tvm_vision import (PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, VisionRunner, generate_with_image, image_prompt,
-                                reference_features, synthetic_image)
+from targets.tvm.runner import VisionRunner, generate_with_image
+from targets.tvm.vision import PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, reference_features, synthetic_image
 from targets.tvm.target import MLC_VISION_NOTE
 from tests.support.tiny_minicpmv import tiny_recipe, write_tiny_minicpmv
 
@@ -48,7 +48,7 @@ def test_bundle_layout_and_manifest(bundle):
                 "vision/lib/host/vision.so", "vision/params/tensor-cache.json", "lib/cpu/model.tar"):
         assert rel in manifest["files"], rel
     ver = manifest["vision"]["verification"]
-    # q8 weights (the default): vs PyTorch on the dequantized weights and vs fp32, targets/tvm_vision bounds
+    # q8 weights (the default): vs PyTorch on the dequantized weights and vs fp32, targets/tvm/vision bounds
     assert [r["images"] for r in ver["images"]] == [1, 3]
     assert all(r["max_rel_err"] <= PARITY_RTOL_Q8 and r["max_rel_err_fp32"] <= PARITY_RTOL_Q8_FP32
                for r in ver["images"])
@@ -74,7 +74,7 @@ def host_models(tmp_path_factory):
     from targets.tvm import pipeline
     from targets.tvm.params import tvm_params
     from targets.tvm.runner import TVMModel
-    from targets.tvm_vision import compile_vision, export_ir
+    from targets.tvm.vision import compile_vision, export_ir
     ckpt = write_tiny_minicpmv(tmp_path_factory.mktemp("host") / "ckpt", version=2)
     recipe = tiny_recipe(get_recipe("v2-int4"))
     lm = api.load(recipe, ckpt, prefix="llm.")

@@ -20,7 +20,8 @@ from exporter.vision import preprocess as pp
 from exporter.vision.loader import load_minicpmv
 from exporter.vision.model import VisionEncoder, key_pos_table
 from exporter.vision.slicing import plan_image, slice_images
-from targets.tvm_vision import VisionRunner, export_ir, reference_features, synthetic_image
+from targets.tvm.runner import VisionRunner
+from targets.tvm.vision import export_ir, reference_features, synthetic_image
 from tests.support.tiny_minicpmv import tiny_model_for, tiny_recipe, write_tiny_minicpmv
 
 EXPORT_RTOL, RUNTIME_RTOL = 1e-5, 1e-4
@@ -170,7 +171,7 @@ def test_onnxruntime_matches_pytorch(v2, tmp_path):
 
 def test_parity_check_can_fail(v2, host_runner):
     """The export-time verification rejects a library whose weights drifted."""
-    from targets.tvm_vision import parity
+    from targets.tvm.vision import parity
     vision = v2.vision_model()
     with torch.no_grad():
         vision.resampler.proj.mul_(1.01)

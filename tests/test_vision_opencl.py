@@ -10,7 +10,7 @@ import pytest
 
 from exporter.recipes import get_recipe
 from exporter.vision.loader import load_minicpmv
-from targets.tvm_vision import _dynamic_reduction, build_vision, export_ir
+from targets.tvm.vision import _dynamic_reduction, build_vision, export_ir
 from tests.support.tiny_minicpmv import tiny_recipe, write_tiny_minicpmv
 
 pytestmark = pytest.mark.slow
@@ -53,8 +53,8 @@ def test_v1_fixed_square_cpu(tmp_path):
     """MiniCPM-V 1.0: one 448x448 image, non-adaptive resampler keys shipped as vision/key_pos.bin; q8 weights
     (default) read back from the bundle's tensor cache."""
     from targets.tvm.params import read_tensor_cache
-    from targets.tvm_vision import (PARITY_RTOL_Q8, VisionRunner, dequantized_vision, reference_features,
-                                    synthetic_image)
+    from targets.tvm.runner import VisionRunner
+    from targets.tvm.vision import PARITY_RTOL_Q8, dequantized_vision, reference_features, synthetic_image
     ckpt = write_tiny_minicpmv(tmp_path / "ckpt", version=1)
     staging = tmp_path / "staging"
     staging.mkdir()

@@ -6,7 +6,7 @@ Tolerances.
     (activation rounding, ~5e-3 measured), as tests/test_tvm_kernels.py states for the text q8 kernel.
   * Tiny V1/V2 encoder, host build with q8 weights: vs PyTorch on the same dequantized weights
     PARITY_RTOL_Q8 (3e-2; measured ~8e-3), vs the fp32 weights PARITY_RTOL_Q8_FP32 (6e-2; measured ~1.2e-2)
-    (max abs diff over max |feature|, targets/tvm_vision.parity).
+    (max abs diff over max |feature|, targets/tvm/vision.parity).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from exporter.recipes import get_recipe
 from exporter.vision.loader import load_minicpmv
 from targets.tvm import kernels, pipeline
 from targets.tvm import vision_q8 as vq
-from targets.tvm_vision import (PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, VisionRunner, compile_vision, export_ir,
-                                parity)
+from targets.tvm.runner import VisionRunner
+from targets.tvm.vision import PARITY_RTOL_Q8, PARITY_RTOL_Q8_FP32, compile_vision, export_ir, parity
 from tests.support.tiny_minicpmv import tiny_recipe, write_tiny_minicpmv
 from tests.test_tvm_kernels import aarch64_driver, aarch64_runtime
 

@@ -12,7 +12,7 @@ from targets.tvm.vision_schedule import schedule_func
 
 
 def _linear_module(k: int, j: int) -> tvm.IRModule:
-    """Relax module of x @ w + b with a dynamic row count (torch.export, as targets/tvm_vision.py)."""
+    """Relax module of x @ w + b with a dynamic row count (torch.export, as targets/tvm/vision.py)."""
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -40,7 +40,7 @@ def test_matmul_funcs_are_scheduled():
 
 @pytest.mark.parametrize("n", [1, 37, 130, 257])
 def test_scheduled_linear_matches_numpy(n):
-    from targets.tvm_vision import compile_vision
+    from targets.tvm.vision import compile_vision
     ex = compile_vision(_linear_module(192, 272), pipeline.make_target("cpu", pipeline.HOST_TARGET))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(n)

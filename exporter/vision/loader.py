@@ -31,7 +31,11 @@ class MiniCPMVCheckpoint:
 
 
 def load_minicpmv(path: Path, recipe: Recipe | None = None) -> MiniCPMVCheckpoint:
-    ckpt = open_checkpoint(Path(path), recipe)
+    return minicpmv_checkpoint(open_checkpoint(Path(path), recipe), recipe)
+
+
+def minicpmv_checkpoint(ckpt: Checkpoint, recipe: Recipe | None = None) -> MiniCPMVCheckpoint:
+    """The MiniCPM-V view of an already opened checkpoint (the export's ``ctx.checkpoint``)."""
     where = ckpt.path / "config.json"
     for key in sorted(ckpt.shards):
         kind = names.classify(key)

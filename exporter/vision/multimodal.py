@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model import KVCache, MiniCPM
+from ..model import MiniCPM, ReferenceEngine
+from ..parity import greedy
 
 
 def splice(embeds: np.ndarray | torch.Tensor, starts: list[int], feats, query_num: int):
@@ -20,23 +21,12 @@ def splice(embeds: np.ndarray | torch.Tensor, starts: list[int], feats, query_nu
     return embeds
 
 
-@torch.no_grad()
 def reference_generate(model: MiniCPM, ids: list[int], starts: list[int], feats: np.ndarray,
                        query_num: int, max_new_tokens: int, eos_id: int | None = None,
                        prefill_chunk: int | None = None) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and the logits that chose them, for a prompt with image features spliced in."""
-    h = model.embed(torch.tensor([ids]))
-    splice(h, starts, torch.from_numpy(np.asarray(feats, dtype=np.float32)), query_num)
-    cache = KVCache(model.cfg, len(ids) + max_new_tokens)
-    chunk = prefill_chunk or len(ids)
-    for s in range(0, len(ids), chunk):
-        logits = model.forward_embeds(h[:, s:s + chunk], cache, start=s, last_only=True)
-    out, steps = [], []
-    for i in range(max_new_tokens):
-        step = logits[0, -1]
-        steps.append(step.numpy())
-        out.append(int(step.argmax()))
-        if (eos_id is not None and out[-1] == eos_id) or i == max_new_tokens - 1:
-            break
-        logits = model(torch.tensor([[out[-1]]]), cache, start=cache.length, last_only=True)
-    return out, steps
+    feats_t = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+    engine = ReferenceEngine(model, len(ids) + max_new_tokens, prefill_chunk,
+                             embed_hook=lambda h: splice(h, starts, feats_t, query_num))
+    gen = greedy(engine, ids, max_new_tokens, () if eos_id is None else (eos_id,))
+    return gen.tokens, [step.numpy() for step in gen.logits]

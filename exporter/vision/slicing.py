@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ExportError
+from ..tokenizer import Tokenizer
 
 IMAGE_START, IMAGE_END, SLICE_START, SLICE_END = "<image>", "</image>", "<slice>", "</slice>"
 
@@ -186,6 +187,12 @@ def build_prompt(plan: ImagePlan, t: ImageTokens, text_ids: list[int], bos: int 
     if len(starts) != len(plan.images):
         raise ExportError(f"prompt text contains '{IMAGE_START}' itself; remove it")
     return ids, starts
+
+
+def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None) -> tuple[list[int], list[int]]:
+    """Token ids of [bos] image-block newline text, and where each image's 64 features go."""
+    return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer, config_json), tokenizer.encode(text, bos=False),
+                        tokenizer.bos_id)
 
 
 @dataclass(frozen=True)

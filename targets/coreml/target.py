@@ -22,14 +22,14 @@ from exporter.errors import ExportError
 from exporter.quality import CALIBRATION_TEXT
 from exporter.quant import SCHEMES, Scheme, dequantize
 from exporter.tokenizer import Tokenizer
-from targets.base import ExportPlan, Quantization, Tolerance, check_choices
+from targets.base import ExportPlan, Quantization, check_choices
 
 from .budget import compute_units, memory_budget
 from .convert import build_mlpackage, io_spec, spill_large, weight_file
 from .options import ANE_MAX_DIM, BLOCK_SIZE, EMBEDDINGS, MIN_IOS, IOSOptions, IOSSettings
 from .palettize import Lut6Codec
 from .side_files import PACKAGE, write_readme, write_side_files
-from .verify import LOGIT_BOUND, check, model_from_state, numerics, structure
+from .verify import TOLERANCE, check, model_from_state, numerics, structure
 from .wrapper import CoreMLMiniCPM, head_pieces
 
 VERIFY_STEPS = 32
@@ -104,7 +104,7 @@ class IOSTarget:
                  ("block_size", BLOCK_SIZE), ("coreml", COMPRESSION if embedding else "none (float16)"))
         codecs = (("tok_embeddings.weight", Lut6Codec()),) if embedding == "lut6" else ()
         return ExportPlan(self.name, Quantization(SCHEME_FOR[embedding], recipe.quantizer, codecs, notes),
-                          ("text",), Tolerance(VERIFY_STEPS, LOGIT_BOUND), options,
+                          ("text",), VERIFY_STEPS, TOLERANCE, options,
                           IOSSettings(ios, embedding, head_rows))
 
     def build(self, ctx, staging: Path) -> dict:
@@ -177,7 +177,7 @@ class IOSTarget:
         calib = tok.encode(CALIBRATION_TEXT.read_text())
         n_prompt = min(recipe.prefill_chunk * 3 // 2 + 4, recipe.context_window - VERIFY_STEPS)
         report = numerics(interp, cfg, names, calib[:n_prompt], recipe.context_window,
-                          recipe.prefill_chunk, ctx.plan.tolerance.greedy_tokens,
+                          recipe.prefill_chunk, ctx.plan.verify_tokens,
                           progress=lambda _s, msg: ctx.progress.log(msg))
         check(report, package)
         ctx.progress.log(f"Core ML vs PyTorch int4 reference: {report.steps} greedy tokens identical, "

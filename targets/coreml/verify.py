@@ -11,8 +11,9 @@ package's weights decompressed exactly as Core ML does ("PyTorch int4 reference"
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from coremltools.converters.mil.mil import types
 
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
-from exporter.model import MiniCPM
+from exporter.model import MiniCPM, ReferenceEngine
+from exporter.parity import ParityReport, Tolerance, compare, greedy
 
 from .convert import LUT_EMBED_NAME, PIECE_NAME, STATE_NAMES, spill_large
 from .mil_interp import Interpreter
@@ -167,25 +169,65 @@ def _embedding_from_pieces(interp: Interpreter, function: str, by_name: dict) ->
     return np.concatenate(parts)
 
 
+# Core ML vs the PyTorch int4 reference (exporter/parity): teacher forced, so one near-tie cannot
+# derail the comparison of logits; every greedy token must still match.
+TOLERANCE = Tolerance(logit_atol=LOGIT_BOUND, tokens_must_match=True, teacher_forced=True,
+                      reference="the PyTorch int4 reference")
+
+
 @dataclass
 class NumericReport:
     prompt_tokens: int
-    steps: int
-    tokens_coreml: list[int]
-    tokens_reference: list[int]
-    max_abs_logit_diff: float
-    logit_bound: float
+    parity: ParityReport
+
+    @property
+    def steps(self) -> int:
+        return self.parity.steps
+
+    @property
+    def tokens_coreml(self) -> list[int]:
+        return self.parity.tokens
+
+    @property
+    def tokens_reference(self) -> list[int]:
+        return self.parity.ref_tokens
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        return self.parity.max_abs_diff
+
+    @property
+    def logit_bound(self) -> float:
+        return self.parity.tolerance.logit_atol
 
     @property
     def tokens_match(self) -> bool:
-        return self.tokens_coreml == self.tokens_reference
+        return self.parity.tokens_match
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("tokens_coreml"), d.pop("tokens_reference")
-        d["max_abs_logit_diff"] = round(self.max_abs_logit_diff, 4)
-        d["tokens_match"] = self.tokens_match
-        return d
+        return {"prompt_tokens": self.prompt_tokens, "steps": self.steps,
+                "max_abs_logit_diff": round(self.max_abs_logit_diff, 4), "logit_bound": self.logit_bound,
+                "tokens_match": self.tokens_match}
+
+
+@dataclass
+class SessionEngine:
+    """session.py's ChatSession (the app's loop: chunked prefill, then decode) as an exporter/parity Engine."""
+    session: ChatSession
+    vocab: int
+    progress: Callable[[str, str], None] = lambda s, m: None
+    steps: int = 0
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.session.reset()
+        self.progress("verify", f"Core ML prefill of {len(ids)} tokens (NumPy MIL interpreter)")
+        return flat_logits(self.session.feed(ids), self.vocab).astype(np.float32)
+
+    def decode(self, token: int) -> np.ndarray:
+        self.steps += 1
+        if self.steps % 8 == 0:
+            self.progress("verify", f"decode step {self.steps}")
+        return flat_logits(self.session.step(token), self.vocab).astype(np.float32)
 
 
 def numerics(interp: Interpreter, cfg: MiniCPMConfig, state_names: list[str], prompt: list[int],
@@ -194,34 +236,16 @@ def numerics(interp: Interpreter, cfg: MiniCPMConfig, state_names: list[str], pr
     if len(prompt) + steps > context:
         raise ExportError(f"verify: prompt {len(prompt)} + {steps} steps exceeds context {context}")
     ref = model_from_state(cfg, package_state_dict(interp, state_names, store=spill_large))
-    ref_tokens, ref_logits = ref.generate(prompt, steps, eos_id=None, prefill_chunk=chunk)
+    reference = greedy(ReferenceEngine(ref, len(prompt) + steps, chunk), prompt, steps)
     del ref     # the float32 reference goes before the interpreter materialises its float16 weights
     gc.collect()
     cache_shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
     # the app's loop (docs/ios.md's Swift, transcribed in session.py): chunked prefill, then decode
     session = ChatSession(interp, Contract(chunk, context, cfg.vocab_size, cfg.bos_token_id,
                                            cfg.eos_token_id, cache_shape))
-    progress("verify", f"Core ML prefill of {len(prompt)} tokens (NumPy MIL interpreter)")
-    logits = flat_logits(session.feed(prompt), cfg.vocab_size).astype(np.float32)
-    tokens, worst = [], 0.0
-    for i in range(steps):
-        worst = max(worst, float(np.abs(logits - ref_logits[i].numpy()).max()))
-        tokens.append(int(logits.argmax()))
-        if i + 1 < steps:
-            # feed the reference's token so one near-tie cannot derail the comparison of logits
-            logits = flat_logits(session.step(ref_tokens[i]), cfg.vocab_size).astype(np.float32)
-            if (i + 1) % 8 == 0:
-                progress("verify", f"decode step {i + 1}/{steps}")
-    return NumericReport(len(prompt), steps, tokens, ref_tokens, worst, LOGIT_BOUND)
+    got = greedy(SessionEngine(session, cfg.vocab_size, progress), prompt, steps, forced=reference.tokens)
+    return NumericReport(len(prompt), compare(got.logits, reference.logits, TOLERANCE, got.tokens, reference.tokens))
 
 
 def check(report: NumericReport, where: Path) -> None:
-    if not report.tokens_match:
-        first = next(i for i, (a, b) in enumerate(zip(report.tokens_coreml, report.tokens_reference))
-                     if a != b)
-        raise ExportError(f"{where}: Core ML greedy tokens differ from the PyTorch int4 reference "
-                          f"at step {first} ({report.tokens_coreml[first]} vs "
-                          f"{report.tokens_reference[first]})")
-    if report.max_abs_logit_diff > report.logit_bound:
-        raise ExportError(f"{where}: Core ML logits differ from the PyTorch int4 reference by "
-                          f"{report.max_abs_logit_diff:.3f} > {report.logit_bound}")
+    report.parity.check(f"{where}: Core ML")

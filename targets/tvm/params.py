@@ -66,7 +66,10 @@ def tvm_params(param_specs: list[tuple[str, tuple, str]], source: QuantizedModel
 
 
 def write_tensor_cache(params: list[tuple[str, np.ndarray]], directory: Path, metadata: dict | None = None) -> None:
-    """TVM tensor cache: params_shard_{i}.bin (<= 32 MB unless one tensor is larger) + tensor-cache.json."""
+    """TVM tensor cache: params_shard_{i}.bin (<= 32 MB unless one tensor is larger) + tensor-cache.json.
+    ``metadata`` defaults to MLC's {ParamSize, ParamBytes}. The one writer of the text and vision weights."""
+    if metadata is None:
+        metadata = {"ParamSize": len(params), "ParamBytes": int(sum(a.nbytes for _, a in params))}
     directory.mkdir(parents=True, exist_ok=True)
     shards, records, buf = [], [], bytearray()
 

@@ -165,8 +165,39 @@ def _prefix_prim_funcs(mod: tvm.IRModule, prefix: str) -> tvm.IRModule:
     return out
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Legalize + fuse (+ dlight GPU schedules for OpenCL) + the standard VM lowering."""
+def _dynamic_reduction(func) -> bool:
+    """True when a block of ``func`` reduces over a symbolic extent (e.g. attention @ V over N)."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir import dlight as dl
+    try:
+        infos = dl.normalize_prim_func(Schedule(func)) or []
+    except Exception:   # noqa: BLE001 - not analysable: let the inner rule decide
+        return False
+    return any(it.kind == "R" and not isinstance(it.dom, int) for info in infos for it in info.iters)
+
+
+def _gpu_rules(dynamic_shapes: bool) -> list:
+    """dlight's GPU rules. ``dynamic_shapes`` (the vision graph, N patches): the Matmul rule skips
+    matmuls whose reduction length is the dynamic token count (it would unroll a symbolic loop);
+    those fall through to the GEMV/Reduction/Fallback rules."""
+    from tvm.s_tir import dlight as dl
+
+    class StaticReductionMatmul(dl.ScheduleRule):
+        def __init__(self):
+            self.inner = dl.gpu.Matmul()
+
+        def apply(self, func, target, tunable):
+            return None if _dynamic_reduction(func) else self.inner.apply(func, target, tunable)
+
+    matmul = StaticReductionMatmul() if dynamic_shapes else dl.gpu.Matmul()
+    return [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def relax_pipeline(target: tvm.target.Target, dynamic_shapes: bool = False,
+                   cpu_schedule: tvm.transform.Pass | None = None) -> tvm.transform.Pass:
+    """Legalize + fuse (+ ``cpu_schedule`` on CPUs, dlight GPU schedules for OpenCL) + the standard VM
+    lowering. One pipeline for the text model and the vision encoder (targets/tvm/vision.py passes
+    ``dynamic_shapes`` and its CPU matmul schedule)."""
     gpu = target.kind.name != "llvm"
 
     @tvm.transform.module_pass(opt_level=0, name="mcpm_tvm_pipeline")
@@ -178,8 +209,9 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                       relax.transform.DeadCodeElimination()]
             if gpu:
                 from tvm.s_tir import dlight as dl
-                passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+                passes.append(dl.ApplyDefaultSchedule(*_gpu_rules(dynamic_shapes)))
+            elif cpu_schedule is not None:
+                passes.append(cpu_schedule)
             passes += cpu_passes.dataflow_lower_passes(target) + cpu_passes.finalize_passes(target)
             passes.append(canonical_shape_funcs)   # byte-reproducible builds (targets/tvm/reproducible.py)
             # TVM 0.27's AttachGlobalSymbol crashes renaming PrimFuncs that contain T.call_extern (the
@@ -196,16 +228,18 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def compile_ir(mod: tvm.IRModule, target: tvm.target.Target, prefix: str | None = None,
-               use_kernels: bool = True) -> relax.VMExecutable:
+               use_kernels: bool = True, dynamic_shapes: bool = False,
+               cpu_schedule: tvm.transform.Pass | None = None) -> relax.VMExecutable:
     """Build the VM executable; ``prefix`` makes it a system library with that symbol prefix.
-    CPU builds first go through kernels.optimize_for_cpu when available and ``use_kernels``."""
+    CPU builds first go through kernels.optimize_for_cpu when available and ``use_kernels``.
+    ``dynamic_shapes``/``cpu_schedule``: see relax_pipeline."""
     kernels = _kernels() if use_kernels and target.kind.name == "llvm" else None
     if kernels is not None:
         mod = kernels.optimize_for_cpu(mod, target)
     mod = fuse_dequantize_matmul(mod)
     if prefix is not None:
         mod = mod.with_attr("system_lib_prefix", prefix)
-    return relax.build(mod, target, relax_pipeline=relax_pipeline(target),
+    return relax.build(mod, target, relax_pipeline=relax_pipeline(target, dynamic_shapes, cpu_schedule),
                        system_lib=prefix is not None)
 
 
@@ -226,6 +260,25 @@ def save_so(ex: relax.VMExecutable, path: Path, triple: str) -> None:
                                                "-Wl,--allow-shlib-undefined", "-Wl,--build-id=none",
                                                "-Wl,--strip-debug"])
     ex.export_library(str(path), fcompile=link)
+
+
+def save_library(ex: relax.VMExecutable, out: Path, stem: str, triple: str, rel: str, backend: str,
+                 check_opencl: bool = True, what: str = "") -> dict:
+    """``out/<stem>.tar`` + ``out/<stem>.so`` (+ ``kernels.cl`` of an opencl build, compile-checked when
+    ``check_opencl``); the manifest's libs entry, paths relative to the bundle (``rel`` = out's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_tar(ex, out / f"{stem}.tar")
+    save_so(ex, out / f"{stem}.so", triple)
+    entry = {"tar": f"{rel}/{stem}.tar", "so": f"{rel}/{stem}.so"}
+    if backend == "opencl":
+        src = opencl_source(ex)
+        if "__kernel" not in src:
+            raise ExportError(f"{what}opencl build produced no OpenCL kernels")
+        (out / "kernels.cl").write_text(src)
+        entry.update(source=f"{rel}/kernels.cl", executed=False)
+        if check_opencl:
+            entry["compile_checked_with"] = check_opencl_source(out / "kernels.cl")
+    return entry
 
 
 OPENCL_CHECK = ["clang", "--target=spir64", "-x", "cl", "-cl-std=CL1.2", "-Xclang", "-finclude-default-header",

@@ -3,13 +3,18 @@
 Per generation: create_tir_paged_kv_cache -> kv_state_add_sequence(0) -> for each prompt chunk
 (<= prefill_chunk tokens): embed (-> [n, hidden]) copied into alloc_embedding_tensor's workspace ->
 begin_forward / prefill(workspace viewed [1, n, hidden]) -> (logits, kv) / end_forward -> for each new
-token: the same with decode. Greedy sampling (argmax). ``embed_hook`` may rewrite the prompt's
-embeddings (the vision splice) before prefill.
+token: the same with decode. Greedy sampling (argmax, exporter/parity.greedy: TVMModel is a parity
+Engine). ``embed_hook`` may rewrite the prompt's embeddings (the vision splice) before prefill.
+
+Vision (MiniCPM-V bundles): VisionRunner runs the compiled encoder (vision/lib/host/vision.so, built by
+targets/tvm/vision.py): image -> plan -> per encoded image ``image_embed`` -> features, which
+generate_with_image splices over the prompt's <unk> rows; run_bundle_with_image is `run --image`.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,38 +24,30 @@ from tvm import relax
 
 from exporter.errors import ExportError
 from exporter.model import check_generation
+from exporter.parity import Generation, greedy
+from exporter.vision import preprocess as pp
+from exporter.vision.config import VisionConfig
+from exporter.vision.slicing import ImagePlan, image_prompt, plan_image, read_image, slice_images
 
 PAGE_SIZE = 16
+VISION_FUNCTION = "image_embed"   # the vision library's VM function (DESIGN.md, Vision)
+VISION_DIR = "vision"             # the vision part's folder in the bundle
 
 
-@dataclass
-class Generation:
-    tokens: list[int]
-    logits: list[np.ndarray] = field(repr=False)   # logits that chose each new token
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    prompt_len: int = 0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_len / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        n = max(len(self.tokens) - 1, 0)      # the first new token comes from prefill
-        return n / self.decode_s if self.decode_s else 0.0
+def host_vm(lib: Path | tvm.runtime.Module, params: list[np.ndarray], what: str):
+    """(device, VirtualMachine, params on the device) of a host (x86_64) library or loaded module."""
+    if isinstance(lib, (str, Path)):
+        if not Path(lib).is_file():
+            raise ExportError(f"{lib}: compiled {what} library not found")
+        lib = tvm.runtime.load_module(str(lib))
+    dev = tvm.cpu()
+    return dev, relax.VirtualMachine(lib, dev), [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in params]
 
 
 class TVMModel:
     def __init__(self, lib: Path | tvm.runtime.Module, params: list[np.ndarray], context_window: int,
                  prefill_chunk: int):
-        if isinstance(lib, (str, Path)):
-            if not Path(lib).is_file():
-                raise ExportError(f"{lib}: compiled model library not found")
-            lib = tvm.runtime.load_module(str(lib))
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(lib, self.dev)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in params]
+        self.dev, self.vm, self.params = host_vm(lib, params, "model")
         self.context_window, self.prefill_chunk = context_window, prefill_chunk
         g = tvm.get_global_func
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
@@ -89,6 +86,15 @@ class TVMModel:
             logits = self.forward(kv, embeds[s:s + self.prefill_chunk])
         return logits
 
+    def prefill(self, ids: list[int], embed_hook: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """exporter/parity Engine: a fresh KV cache, embed (+ ``embed_hook``), chunked prefill; last logits."""
+        self.kv = self.new_cache()
+        embeds = self.embed(ids)
+        return self.forward_chunks(self.kv, embed_hook(embeds) if embed_hook else embeds)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.forward(self.kv, self.embed([token]), "decode")
+
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: int | None = None,
                  embed_hook: Callable[[np.ndarray], np.ndarray] | None = None,
                  stop_ids: set[int] | None = None) -> Generation:
@@ -96,27 +102,25 @@ class TVMModel:
             raise ExportError("prompt is empty after tokenization")
         check_generation(max_new_tokens, len(prompt), self.context_window)
         stop = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
-        kv = self.new_cache()
-        t0 = time.perf_counter()
-        embeds = self.embed(prompt)
-        logits = self.forward_chunks(kv, embed_hook(embeds) if embed_hook else embeds)
-        t1 = time.perf_counter()
-        out, steps = [], []
-        for i in range(max_new_tokens):
-            steps.append(logits)
-            nxt = int(np.argmax(logits))
-            out.append(nxt)
-            if nxt in stop or i == max_new_tokens - 1:
-                break
-            logits = self.forward(kv, self.embed([nxt]), "decode")
-        t2 = time.perf_counter()
-        return Generation(out, steps, prefill_s=t1 - t0, decode_s=t2 - t1, prompt_len=len(prompt))
+        engine = self if embed_hook is None else _Spliced(self, embed_hook)
+        return greedy(engine, prompt, max_new_tokens, stop)
+
+
+@dataclass
+class _Spliced:
+    """A TVMModel whose prompt embeddings go through ``hook`` (the vision splice) before prefill."""
+    model: TVMModel
+    hook: Callable[[np.ndarray], np.ndarray]
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.model.prefill(ids, self.hook)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.model.decode(token)
 
 
 def load_bundle(bundle: Path) -> tuple[TVMModel, "Tokenizer", dict]:
     """The host build of an android/harmony bundle, its tokenizer and mlc-chat-config.json."""
-    import json
-
     from exporter.bundle import read_manifest
     from exporter.tokenizer import Tokenizer
     from exporter.verify import require_verified
@@ -157,3 +161,72 @@ def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32, chat: bool =
             "prompt_tokens": len(ids), "tokens": gen.tokens, "text": tok.decode(gen.tokens),
             "prefill_tok_s": round(gen.prefill_tok_s, 2), "decode_tok_s": round(gen.decode_tok_s, 2),
             "backend": "host (x86_64 build in lib/host)"}
+
+
+class VisionRunner:
+    """Host runtime of the compiled vision library: image -> [n_images * query_num, hidden]."""
+
+    def __init__(self, lib, params: list[np.ndarray], vcfg: VisionConfig, key_pos: np.ndarray | None = None):
+        self.dev, self.vm, self.params = host_vm(lib, params, "vision")
+        self.cfg, self.key_pos = vcfg, key_pos
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> "VisionRunner":
+        from .params import read_tensor_cache
+        vdir = Path(bundle) / VISION_DIR
+        conf_path = vdir / "vision-config.json"
+        if not conf_path.is_file():
+            raise ExportError(f"{bundle}: bundle has no vision part ({conf_path} missing)")
+        conf = json.loads(conf_path.read_text())
+        vcfg = VisionConfig(**conf["config"])
+        key_pos = None
+        if conf.get("key_pos"):
+            key_pos = np.fromfile(vdir / conf["key_pos"]["file"], dtype=np.float32).reshape(conf["key_pos"]["shape"])
+        params = [a for _, a in read_tensor_cache(vdir / "params")]
+        return cls(vdir / "lib" / "host" / "vision.so", params, vcfg, key_pos)
+
+    def embed_one(self, image) -> np.ndarray:
+        inp = pp.encoder_inputs(image, self.cfg, self.key_pos)
+        args = [tvm.runtime.tensor(inp[k], self.dev) for k in pp.INPUT_NAMES]
+        return self.vm[VISION_FUNCTION](*args, self.params).numpy()
+
+    def embed_image(self, image) -> tuple[ImagePlan, np.ndarray, list[float]]:
+        """(plan, features [n_images*Q, D], seconds per encoded image)."""
+        plan = plan_image(image.width, image.height, self.cfg)
+        feats, times = [], []
+        for im in slice_images(image, plan):
+            t0 = time.perf_counter()
+            feats.append(self.embed_one(im))
+            times.append(time.perf_counter() - t0)
+        return plan, np.concatenate(feats), times
+
+
+def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndarray, query_num: int,
+                        max_new_tokens: int, eos_id: int | None = None) -> dict:
+    """Greedy generation with a compiled text model (targets/tvm/runner.TVMModel) and spliced
+    image features: embed(ids) -> features replace the <unk> rows -> chunked prefill -> decode."""
+    from exporter.vision.multimodal import splice
+
+    check_generation(max_new_tokens, len(ids), model.context_window, "image prompt")
+    gen = model.generate(ids, max_new_tokens, eos_id,
+                         embed_hook=lambda embeds: splice(embeds, starts, feats, query_num))
+    return {"tokens": gen.tokens, "logits": gen.logits, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}
+
+
+def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:
+    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart."""
+    check_generation(max_new_tokens)
+    image = read_image(image_path, "--image ")
+    vision = VisionRunner.from_bundle(Path(bundle))
+    model, tok, conf = load_bundle(Path(bundle))
+    plan, feats, times = vision.embed_image(image)
+    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json")
+    gen = generate_with_image(model, ids, starts, feats, vision.cfg.query_num, max_new_tokens,
+                              conf.get("eos_token_id"))
+    n_new = len(gen["tokens"])
+    return {"bundle": str(bundle), "image": str(image_path), "plan": plan.to_dict(), "prompt_tokens": len(ids),
+            "tokens": gen["tokens"], "text": tok.decode(gen["tokens"]),
+            "vision_encode_s": [round(t, 4) for t in times], "vision_total_s": round(sum(times), 4),
+            "prefill_s": round(gen["prefill_s"], 4), "prefill_tok_s": round(len(ids) / gen["prefill_s"], 2),
+            "decode_tok_s": round((n_new - 1) / gen["decode_s"], 2) if n_new > 1 and gen["decode_s"] else 0.0,
+            "backend": "host (x86_64 builds in lib/host and vision/lib/host)"}

@@ -26,20 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from exporter.chat import get_chat_template
 from exporter.config import MiniCPMConfig
 from exporter.errors import ExportError
 from exporter.hf_tokenizer import write_hf_tokenizer
-from exporter.model import MiniCPM
+from exporter.model import MiniCPM, ReferenceEngine
+from exporter.parity import Tolerance, check_parity
 from exporter.progress import Progress
 from exporter.quant import SCHEMES, QuantizedModel
 from exporter.recipes import Recipe
 from exporter.tokenizer import Tokenizer
 from runner.build import install_runner
 
-from targets.base import ExportPlan, Quantization, Tolerance, check_choices
+from targets.base import ExportPlan, Quantization, check_choices
 
 from . import mlc, pipeline
 from .params import tvm_params, write_tensor_cache
@@ -141,29 +141,30 @@ def _reference(req: BuildRequest) -> MiniCPM:
     return req.reference or MiniCPM.from_state_dict(req.config, req.weights.dequantized())
 
 
+def uses_kernels(scheme: str) -> bool:
+    """Whether the CPU builds of ``scheme`` run the int4 kernels (kernels.py; int8 activations)."""
+    return pipeline.kernels_available() and scheme in ("q4f16", "q4f16_e8")
+
+
+def tolerance(kernels: bool) -> Tolerance:
+    """What the host build must reproduce of the PyTorch reference (exporter/parity)."""
+    return Tolerance(logit_atol=LOGIT_ATOL_KERNELS if kernels else LOGIT_ATOL, tokens_must_match=True,
+                     reference="the PyTorch reference")
+
+
 def verify(req: BuildRequest, host_lib, params: list[np.ndarray], tokens: int = VERIFY_TOKENS,
            kernels: bool = False) -> dict:
-    """Greedy ``tokens`` from the host build vs the PyTorch reference; ExportError on any mismatch."""
-    atol = LOGIT_ATOL_KERNELS if kernels else LOGIT_ATOL
+    """Greedy ``tokens`` from the host build vs the PyTorch reference (exporter/parity.check_parity);
+    ExportError on any mismatch."""
+    tol = tolerance(kernels)
     tok = Tokenizer(req.tokenizer_dir / "tokenizer.model")
     prompt = tok.encode(VERIFY_PROMPT)
     tvm_model = TVMModel(host_lib, params, req.recipe.context_window, req.recipe.prefill_chunk)
-    got = tvm_model.generate(prompt, tokens)
-    with torch.no_grad():
-        ref_tokens, ref_logits = _reference(req).generate(prompt, tokens, prefill_chunk=req.recipe.prefill_chunk)
-    n = min(len(got.tokens), len(ref_tokens))
-    diff = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got.logits[:n], ref_logits[:n]))
-    report = {"prompt_tokens": len(prompt), "new_tokens": tokens, "tokens_equal": got.tokens == ref_tokens,
-              "max_abs_logit_diff": diff, "logit_atol": atol, "int4_kernels": kernels,
-              "reference": "exporter/model.py on the dequantized bundle weights (PyTorch, fp32)"}
-    if got.tokens != ref_tokens:
-        first = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens)) if a != b), n)
-        raise ExportError(f"verification failed: host build's greedy token {first} is {got.tokens[first]}, "
-                          f"PyTorch reference gives {ref_tokens[first]} (max logit diff {diff:.2e})")
-    if diff > atol:
-        raise ExportError(f"verification failed: logits differ from the PyTorch reference by {diff:.2e} "
-                          f"(bound {atol:.0e})")
-    return report
+    ref = ReferenceEngine(_reference(req), len(prompt) + tokens, req.recipe.prefill_chunk)
+    report = check_parity(tvm_model, ref, prompt, tokens, tol, "verification failed: host build")
+    return {"prompt_tokens": len(prompt), "new_tokens": tokens, "tokens_equal": report.tokens_match,
+            "max_abs_logit_diff": report.max_abs_diff, "logit_atol": tol.logit_atol, "int4_kernels": kernels,
+            "reference": "exporter/model.py on the dequantized bundle weights (PyTorch, fp32)"}
 
 
 def build_bundle(req: BuildRequest, staging: Path) -> dict:
@@ -180,7 +181,7 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
     libs: dict[str, dict] = {}
     builds = {}
     log = req.progress.log
-    kernels = pipeline.kernels_available() and scheme in ("q4f16", "q4f16_e8")
+    kernels = uses_kernels(scheme)
     # float16 KV cache with the int4 kernels (their int8 activations dominate the error); the plain
     # pipeline keeps float32 so that it stays exact against the reference (LOGIT_ATOL)
     kv_dtype = KV_DTYPE if kernels else "float32"
@@ -205,24 +206,14 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
 
     with req.progress.stage("package"):
         for backend, ex in builds.items():
-            out = staging / "lib" / backend
-            out.mkdir(parents=True, exist_ok=True)
             log(f"lib/{backend}/model.tar, lib/{backend}/model.so")
-            pipeline.save_tar(ex, out / "model.tar")
-            pipeline.save_so(ex, out / "model.so", triple)
-            if backend == "opencl":
-                src = pipeline.opencl_source(ex)
-                if "__kernel" not in src:
-                    raise ExportError("opencl build produced no OpenCL kernels")
-                (out / "kernels.cl").write_text(src)
-                checked = pipeline.check_opencl_source(out / "kernels.cl")
-                libs[backend].update(source="lib/opencl/kernels.cl", executed=False, compile_checked_with=checked)
+            libs[backend].update(pipeline.save_library(ex, staging / "lib" / backend, "model", triple,
+                                                       f"lib/{backend}", backend))
         (staging / "lib" / "host").mkdir(parents=True, exist_ok=True)
         pipeline.save_so(host_ex, staging / "lib" / "host" / "model.so", "x86_64")
         named = tvm_params(specs, req.weights)
         log(f"tensor cache: {len(named)} tensors, {sum(a.nbytes for _, a in named) / 1e6:.1f} MB")
-        write_tensor_cache(named, staging, {"ParamSize": len(named), "ParamBytes":
-                                            int(sum(a.nbytes for _, a in named))})
+        write_tensor_cache(named, staging)
         tok_files = write_hf_tokenizer(req.tokenizer_dir / "tokenizer.model", staging,
                                        get_chat_template(req.recipe.conv_template).jinja(),
                                        model_max_length=req.recipe.context_window, strict=False, say=log)
@@ -260,7 +251,7 @@ class TVMTarget:
             raise ExportError(f"{self.name}: recipe '{recipe.name}' uses unknown scheme '{recipe.quantization}'")
         return ExportPlan(self.name, Quantization(SCHEMES[recipe.quantization], recipe.quantizer),
                           ("text", "vision") if recipe.is_vision else ("text",),
-                          Tolerance(VERIFY_TOKENS, LOGIT_ATOL), options)
+                          VERIFY_TOKENS, tolerance(uses_kernels(recipe.quantization)), options)
 
     def build(self, ctx, staging: Path) -> dict:
         opts = ctx.plan.options
@@ -270,9 +261,9 @@ class TVMTarget:
                            reference=ctx.quant_reference)
         extra = build_bundle(req, staging)
         if "vision" in ctx.plan.components:
-            from targets.tvm_vision import build_vision
+            from .vision import build_vision
             with ctx.progress.stage("vision"):
-                extra.update(build_vision(Path(ctx.checkpoint.path), ctx.recipe, staging, self.name,
+                extra.update(build_vision(ctx.checkpoint, ctx.recipe, staging, self.name,
                                           opts.backend, opts.soc, ctx.progress, opts.vision_weights))
         return extra
 

@@ -1,4 +1,4 @@
-"""CPU schedule for the fp32 matmuls of the vision graph (targets/tvm_vision.py).
+"""CPU schedule for the fp32 matmuls of the vision graph (targets/tvm/vision.py).
 
 Relax's default lowering of ``matmul`` is the textbook ``for i, j, k`` nest: the reduction is the
 innermost loop and walks B[k, j] column-wise, one thread, no SIMD. Every matmul-like block
