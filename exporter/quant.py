@@ -14,6 +14,7 @@ import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Protocol
 
 import numpy as np
@@ -110,14 +111,16 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
 
 def unpack_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Dequantize q4f16 to float32 [out, in] (dequant_q4_expr over every element)."""
-    k = np.arange(packed.shape[1] * Q4_PER_WORD)
-    return dequant_q4_expr(packed[:, k // Q4_PER_WORD], k.astype(np.uint32), scale[:, k // GROUP],
-                           np.uint32, np.float32)
+    out, words = packed.shape
+    per_group = GROUP // Q4_PER_WORD        # broadcast [out, group, word, element]: no gathered copies
+    k = np.arange(GROUP, dtype=np.uint32).reshape(per_group, Q4_PER_WORD)
+    w = dequant_q4_expr(packed.reshape(out, -1, per_group, 1), k, scale.reshape(out, -1, 1, 1), np.uint32, np.float32)
+    return w.reshape(out, words * Q4_PER_WORD)
 
 
 def unpack_int8(q8: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    k = np.arange(q8.shape[1])
-    return dequant_q8_expr(q8, scale[:, k // GROUP], np.float32)
+    out, n = q8.shape
+    return dequant_q8_expr(q8.reshape(out, -1, GROUP), scale.reshape(out, -1, 1), np.float32).reshape(out, n)
 
 
 def encode(values: torch.Tensor, bits: int) -> np.ndarray:
@@ -150,8 +153,15 @@ def _search_scales_reference(w: torch.Tensor, importance: torch.Tensor | None, g
     return best
 
 
-def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, grid: "int | Grid") -> torch.Tensor:
-    """csrc/qsearch.c over row blocks on two threads (ctypes releases the GIL)."""
+@cache
+def _search_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="qsearch")   # one for the process
+
+
+def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, grid: "int | Grid",
+                   threads: int = SEARCH_THREADS) -> torch.Tensor:
+    """csrc/qsearch.c over row blocks on ``threads`` threads (ctypes releases the GIL); threads=1 runs
+    in the caller's thread (callers that are themselves pool workers)."""
     lib = native.load("qsearch")
     qmin, qmax = _grid(grid).qmin, _grid(grid).qmax
     rows, groups, _ = w.shape
@@ -167,9 +177,11 @@ def _search_scales(w: torch.Tensor, importance: torch.Tensor | None, grid: "int 
                     ptr(grid), ctypes.c_int(len(grid)), ctypes.c_float(qmin), ctypes.c_float(qmax),
                     ptr(out, r0 * out.strides[0]))
 
-    step = max(1, -(-rows // SEARCH_THREADS))
-    with ThreadPoolExecutor(SEARCH_THREADS) as pool:
-        list(pool.map(lambda r0: block(r0, min(rows, r0 + step)), range(0, rows, step)))
+    if threads <= 1 or rows < 64:
+        block(0, rows)
+        return torch.from_numpy(out)
+    step = -(-rows // threads)
+    list(_search_pool().map(lambda r0: block(r0, min(rows, r0 + step)), range(0, rows, step)))
     return torch.from_numpy(out)
 
 

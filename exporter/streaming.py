@@ -32,8 +32,9 @@ class Codec(Protocol):
 
 
 def _layer(cfg: MiniCPMConfig, get: TensorGetter, i: int) -> Block:
-    block = Block(cfg)
-    block.load_state_dict({k: get(f"layers.{i}.{k}") for k in block.state_dict()}, strict=True)
+    with torch.device("meta"):      # no random initialisation of weights about to be replaced
+        block = Block(cfg)
+    block.load_state_dict({k: get(f"layers.{i}.{k}") for k in block.state_dict()}, strict=True, assign=True)
     return block.eval()
 
 
@@ -115,12 +116,13 @@ def quantize_streaming(cfg: MiniCPMConfig, get: TensorGetter, names: list[str], 
 
     if h_gate is not None and scheme.linear_bits is not None:
         deq = lambda name: torch.from_numpy(_deq(qm.tensors[name]))  # noqa: E731
-        hq = deq("tok_embeddings.weight")[gate_ids] * cfg.scale_emb
+        qemb = deq("tok_embeddings.weight")      # dequantized once: 1.1 GB at 2B
+        hq = qemb[gate_ids] * cfg.scale_emb
         for i in range(cfg.num_hidden_layers):
             hq = _forward_layer(_layer(cfg, deq, i), hq, cos, sin)
         qnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         qnorm.weight.copy_(deq("norm.weight"))
-        qhead = deq("tok_embeddings.weight" if cfg.tie_word_embeddings else "output.weight")
+        qhead = qemb if cfg.tie_word_embeddings else deq("output.weight")
         nll_q, _ = _nll(cfg, qnorm, qhead, hq, gate_ids)
         quality = {"ppl_fp": math.exp(nll_fp / n), "ppl_int4": math.exp(nll_q / n), "tokens": int(gate_ids.numel())}
         on_step("quality gate")
