@@ -357,10 +357,14 @@ def build_vision_part(ctx, staging: Path, platform: str) -> dict:
                         ctx.options.get("vision_weights"))
 
 
-def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None) -> tuple[list[int], list[int]]:
-    """Token ids of [bos] image-block newline text, and where each image's 64 features go."""
+def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None,
+                 template=None) -> tuple[list[int], list[int]]:
+    """Token ids of [bos] image-block newline text, and where each image's 64 features go. With a chat
+    ``template`` (exporter/chat.py, minicpm-v): the text is a user turn opened by the image,
+    [bos] <用户> image-block newline text <AI>, as MiniCPM-V's chat() builds it."""
+    before, text = template.image_turn(text) if template is not None else ("", text)
     return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer, config_json), tokenizer.encode(text, bos=False),
-                        tokenizer.bos_id)
+                        tokenizer.bos_id, tokenizer.encode(before, bos=False))
 
 
 def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndarray, query_num: int,
@@ -375,8 +379,11 @@ def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndar
     return {"tokens": gen.tokens, "logits": gen.logits, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}
 
 
-def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:
-    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart."""
+def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32,
+                          chat: bool = True) -> dict:
+    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart.
+    ``chat``: the prompt is a user turn of the bundle's chat template opened by the image; else as is."""
+    from exporter.chat import get_chat_template
     from targets.tvm.runner import load_bundle
 
     check_generation(max_new_tokens)
@@ -384,7 +391,8 @@ def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_t
     vision = VisionRunner.from_bundle(Path(bundle))
     model, tok, conf = load_bundle(Path(bundle))
     plan, feats, times = vision.embed_image(image)
-    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json")
+    template = get_chat_template(conf.get("mcpm", {}).get("chat_template", "minicpm-v")) if chat else None
+    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json", template)
     gen = generate_with_image(model, ids, starts, feats, vision.cfg.query_num, max_new_tokens,
                               conf.get("eos_token_id"))
     n_new = len(gen["tokens"])

@@ -194,7 +194,7 @@ def test_bad_input_one_error_line(runner_dir, dev_bundle, tmp_path, how, args, e
 
 def test_missing_bundle_and_prompt(runner_dir, tmp_path):
     for args, expect in [(["--bundle", tmp_path / "nope", "--prompt-len", 3], "bundle directory not found"),
-                         (["--bundle", tmp_path], "give exactly one of --prompt-ids or --prompt-len")]:
+                         (["--bundle", tmp_path], "give exactly one of --prompt, --prompt-file, --prompt-ids or --prompt-len")]:
         proc = run(runner_dir, *args)
         assert proc.returncode == 1 and expect in proc.stderr and len(proc.stderr.splitlines()) == 1
 

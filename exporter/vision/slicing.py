@@ -179,9 +179,11 @@ def image_prompt_ids(plan: ImagePlan, t: ImageTokens) -> list[int]:
     return ids
 
 
-def build_prompt(plan: ImagePlan, t: ImageTokens, text_ids: list[int], bos: int | None) -> tuple[list[int], list[int]]:
-    """(token ids, start index of each image's feature span); layout: [bos] image-block \\n text."""
-    ids = ([bos] if bos is not None else []) + image_prompt_ids(plan, t) + t.newline + list(text_ids)
+def build_prompt(plan: ImagePlan, t: ImageTokens, text_ids: list[int], bos: int | None,
+                 prefix_ids: list[int] = ()) -> tuple[list[int], list[int]]:
+    """(token ids, start index of each image's feature span); layout: [bos] prefix image-block \\n text
+    (prefix: a chat template's text before the image, e.g. MiniCPM-V's user role)."""
+    ids = ([bos] if bos is not None else []) + list(prefix_ids) + image_prompt_ids(plan, t) + t.newline + list(text_ids)
     starts = [i + 1 for i, x in enumerate(ids) if x == t.im_start]
     if len(starts) != len(plan.images):
         raise ExportError(f"prompt text contains '{IMAGE_START}' itself; remove it")
