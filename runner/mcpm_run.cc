@@ -7,6 +7,8 @@
 // (logits, kv_cache), around kv_state_begin_forward / end_forward. With --image (vision bundles): the image
 // path of vision.cc, vision/lib/<device>/vision.so's image_embed per encoded image, the features
 // spliced over the <unk> rows of embed(ids) before prefill.
+// Prompts: ready ids (--prompt-ids, --prompt-len) or text (--prompt, --prompt-file) tokenized here with the
+// bundle's tokenizer.model (tokenizer.cc) as a user turn of its chat template (prompt.cc; --raw: as is).
 #include <sys/stat.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/shape.h>
