@@ -35,6 +35,7 @@ from exporter.errors import ExportError
 HERE = Path(__file__).resolve().parent
 SOURCES = ("mcpm_run.cc", "options.cc", "options.h", "prompt.cc", "prompt.h", "tokenizer.cc", "tokenizer.h",
            "vision.cc", "vision.h", "launcher.c", "build.py")
+CXX_SOURCES = tuple(n for n in SOURCES if n.endswith(".cc"))   # compiled + linked into mcpm-run.bin
 TRIPLE = "aarch64-linux-gnu"
 SYSROOT_LIB = Path(f"/usr/{TRIPLE}/lib")
 SYSROOT_LIBS = ("ld-linux-aarch64.so.1", "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0",
@@ -162,7 +163,7 @@ def _compile(out: Path, work: Path, key: str, wheels: list[Path]) -> None:
     maps = [f"-ffile-prefix-map={src}=runner", f"-ffile-prefix-map={inc}=tvm_ffi/include"]
     steps = {
         "mcpm_run.cc": [_tool(f"{TRIPLE}-g++"), *CXXFLAGS, *maps, f"-DMCPM_RUN_BUILD_ID=\"{key[:12]}\"",
-                        f"-I{inc}", *(str(src / n) for n in SOURCES if n.endswith(".cc")), "-o", str(out / "mcpm-run.bin"),
+                        f"-I{inc}", *(str(src / n) for n in CXX_SOURCES), "-o", str(out / "mcpm-run.bin"),
                         f"-L{libdir}", "-ltvm_runtime", "-ltvm_ffi"],
         "launcher.c": [_tool(f"{TRIPLE}-gcc"), *CFLAGS, *maps, str(src / "launcher.c"), "-o", str(out / "mcpm-run")],
     }
