@@ -76,6 +76,18 @@ class ChatTemplate:
             out.append(self.assistant_role + self.role_empty_sep)
         return "".join(out)
 
+    def image_turn(self, content: str) -> tuple[str, str]:
+        """One user turn opened by an image (``image_first``), as the text before the image placeholder and
+        the text after the placeholder's ``\n``: the image prompt (exporter/vision/slicing.build_prompt)
+        puts the image block and the newline token between them."""
+        mark = "\0"
+        before, after = self.format_turns([(USER, content)], image=mark).split(mark + "\n", 1)
+        return before, after
+
+    def options(self) -> dict:
+        """What MLC's Conversation has no field for (mlc-chat-config.json mcpm.chat_options; mcpm-run reads it)."""
+        return {"strip_content": self.strip_content, "image_first": self.image_first}
+
     def jinja(self) -> str:
         """Hugging Face ``chat_template`` rendering exactly ``format_turns`` (messages as
         [{"role", "content"}], ``add_generation_prompt``); BOS comes from the tokenizer."""

@@ -183,7 +183,7 @@ def run_cmd(bundle, prompt, max_new_tokens, as_json, image, chat):
 
     if image is not None:
         from targets.tvm.runner import run_bundle_with_image
-        res = run_bundle_with_image(Path(bundle), Path(image), prompt, max_new_tokens)
+        res = run_bundle_with_image(Path(bundle), Path(image), prompt, max_new_tokens, chat=chat)
     else:
         res = run_bundle(Path(bundle), prompt, max_new_tokens, chat=chat)
     if as_json:

@@ -2,7 +2,8 @@
 
 Output (a directory, copied as `runner/` into android/harmony bundles):
     mcpm-run          static aarch64 launcher (launcher.c): execs the bundled loader on mcpm-run.bin
-    mcpm-run.bin      the runner (mcpm_run.cc + vision.cc, the image path) over tvm::ffi, dynamically linked
+    mcpm-run.bin      the runner (mcpm_run.cc; options.cc, prompt.cc + tokenizer.cc: text prompts; vision.cc: the
+                      image path) over tvm::ffi, dynamically linked
     lib/              ld-linux-aarch64.so.1, libc/libm/libdl/libpthread/libstdc++/libgcc_s (from the
                       Debian cross toolchain's sysroot) + libtvm_runtime(_extra).so, libtvm_ffi.so
                       (from PyPI's aarch64 apache-tvm / apache-tvm-ffi wheels, never installed)
@@ -32,7 +33,9 @@ from exporter.cache import cache_dir
 from exporter.errors import ExportError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("mcpm_run.cc", "vision.cc", "vision.h", "launcher.c", "build.py")
+SOURCES = ("mcpm_run.cc", "options.cc", "options.h", "prompt.cc", "prompt.h", "tokenizer.cc", "tokenizer.h",
+           "vision.cc", "vision.h", "launcher.c", "build.py")
+CXX_SOURCES = tuple(n for n in SOURCES if n.endswith(".cc"))   # compiled + linked into mcpm-run.bin
 TRIPLE = "aarch64-linux-gnu"
 SYSROOT_LIB = Path(f"/usr/{TRIPLE}/lib")
 SYSROOT_LIBS = ("ld-linux-aarch64.so.1", "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0",
@@ -160,7 +163,7 @@ def _compile(out: Path, work: Path, key: str, wheels: list[Path]) -> None:
     maps = [f"-ffile-prefix-map={src}=runner", f"-ffile-prefix-map={inc}=tvm_ffi/include"]
     steps = {
         "mcpm_run.cc": [_tool(f"{TRIPLE}-g++"), *CXXFLAGS, *maps, f"-DMCPM_RUN_BUILD_ID=\"{key[:12]}\"",
-                        f"-I{inc}", str(src / "mcpm_run.cc"), str(src / "vision.cc"), "-o", str(out / "mcpm-run.bin"),
+                        f"-I{inc}", *(str(src / n) for n in CXX_SOURCES), "-o", str(out / "mcpm-run.bin"),
                         f"-L{libdir}", "-ltvm_runtime", "-ltvm_ffi"],
         "launcher.c": [_tool(f"{TRIPLE}-gcc"), *CFLAGS, *maps, str(src / "launcher.c"), "-o", str(out / "mcpm-run")],
     }

@@ -7,6 +7,8 @@
 // (logits, kv_cache), around kv_state_begin_forward / end_forward. With --image (vision bundles): the image
 // path of vision.cc, vision/lib/<device>/vision.so's image_embed per encoded image, the features
 // spliced over the <unk> rows of embed(ids) before prefill.
+// Prompts: ready ids (--prompt-ids, --prompt-len) or text (--prompt, --prompt-file) tokenized here with the
+// bundle's tokenizer.model (tokenizer.cc) as a user turn of its chat template (prompt.cc; --raw: as is).
 #include <sys/stat.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/shape.h>
@@ -15,6 +17,7 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +29,9 @@
 #include <string>
 #include <vector>
 
+#include "options.h"
+#include "prompt.h"
+#include "tokenizer.h"
 #include "vision.h"
 
 #ifndef MCPM_RUN_BUILD_ID
@@ -36,6 +42,7 @@ static const char* kVersion = "0.1.0+" MCPM_RUN_BUILD_ID;
 namespace ffi = tvm::ffi;
 namespace json = tvm::ffi::json;
 using tvm::ffi::Tensor;
+using mcpm::Exists, mcpm::Fail, mcpm::JsonInt, mcpm::JsonStr, mcpm::Options, mcpm::ReadFile, mcpm::ReadJson;
 
 // Tensor helpers over the runtime's global functions (the TVM runtime C++ headers are not
 // shipped in the wheels, only tvm::ffi's).
@@ -61,121 +68,6 @@ static Tensor View(const Tensor& t, ffi::Shape shape) {
   return f(t, shape, t.dtype(), static_cast<int64_t>(0)).cast<Tensor>();
 }
 
-struct Fail : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct Options {
-  std::string bundle, lib, device = "cpu", logits_out, image, dump_dir, features_out;
-  std::vector<int32_t> prompt_ids;
-  long prompt_len = -1, gen_len = 16;
-  int threads = 0;
-  bool plan_only = false;
-  bool system_lib = false;  // the model library is linked into this program: SystemLib(prefix) only
-};
-
-static const char* kUsage =
-    "usage: mcpm-run --bundle DIR (--prompt-ids 1,2,3 | --prompt-len N) [--gen-len M]\n"
-    "                [--threads T] [--lib PATH | --system-lib] [--device cpu|opencl] [--logits-out FILE]\n"
-    "                [--version]\n"
-    "       vision bundles: --image FILE.ppm (binary PPM P6) [--plan-only] [--dump-images DIR]\n"
-    "                [--features-out FILE]; --prompt-ids / --prompt-len are then the text after the image\n";
-
-static long ParseInt(const std::string& flag, const std::string& s, long lo) {
-  char* end = nullptr;
-  long v = std::strtol(s.c_str(), &end, 10);
-  if (s.empty() || *end != '\0' || v < lo)
-    throw Fail(flag + " expects an integer >= " + std::to_string(lo) + ", got '" + s + "'");
-  return v;
-}
-
-static Options ParseArgs(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::fputs(kUsage, stdout);
-      std::exit(0);
-    }
-    if (a == "--version") {
-      std::printf("mcpm-run %s\n", kVersion);
-      std::exit(0);
-    }
-    if (a == "--plan-only") {
-      o.plan_only = true;
-      continue;
-    }
-    if (a == "--system-lib") {  // as MLC's apps link libmodel_android.a: no dlopen, SystemLib(prefix)
-      o.system_lib = true;
-      continue;
-    }
-    if (i + 1 >= argc) throw Fail("unknown or incomplete argument '" + a + "' (see --help)");
-    std::string v = argv[++i];
-    if (a == "--bundle") {
-      o.bundle = v;
-    } else if (a == "--lib") {
-      o.lib = v;
-    } else if (a == "--logits-out") {
-      o.logits_out = v;
-    } else if (a == "--image") {
-      o.image = v;
-    } else if (a == "--dump-images") {
-      o.dump_dir = v;
-    } else if (a == "--features-out") {
-      o.features_out = v;
-    } else if (a == "--device") {
-      if (v != "cpu" && v != "opencl") throw Fail("--device must be cpu or opencl, got '" + v + "'");
-      o.device = v;
-    } else if (a == "--prompt-ids") {
-      std::stringstream ss(v);
-      std::string item;
-      while (std::getline(ss, item, ','))
-        o.prompt_ids.push_back(static_cast<int32_t>(ParseInt("--prompt-ids", item, 0)));
-    } else if (a == "--prompt-len") {
-      o.prompt_len = ParseInt(a, v, 1);
-    } else if (a == "--gen-len") {
-      o.gen_len = ParseInt(a, v, 1);
-    } else if (a == "--threads") {
-      o.threads = static_cast<int>(ParseInt(a, v, 0));
-    } else {
-      throw Fail("unknown argument '" + a + "' (see --help)");
-    }
-  }
-  if (o.bundle.empty()) throw Fail("--bundle DIR is required (see --help)");
-  if (!o.prompt_ids.empty() && o.prompt_len >= 0) throw Fail("give only one of --prompt-ids or --prompt-len");
-  if (o.image.empty() && (o.plan_only || !o.dump_dir.empty() || !o.features_out.empty()))
-    throw Fail("--plan-only, --dump-images and --features-out need --image");
-  if (o.image.empty() && o.prompt_ids.empty() && o.prompt_len < 0)
-    throw Fail("give exactly one of --prompt-ids or --prompt-len");
-  return o;
-}
-
-static bool Exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
-
-static std::string ReadFile(const std::string& path, const std::string& what) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Fail(what + " not found: " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-static json::Object ReadJson(const std::string& path, const std::string& what) {
-  ffi::String err;
-  json::Value v = json::Parse(ReadFile(path, what), &err);
-  if (!err.empty() || !v.as<json::Object>()) throw Fail(what + " is not a JSON object: " + path);
-  return v.cast<json::Object>();
-}
-
-static int64_t JsonInt(const json::Object& o, const char* key, int64_t dflt) {
-  auto it = o.find(key);
-  if (it == o.end()) return dflt;
-  if (auto i = (*it).second.try_cast<int64_t>()) return *i;
-  throw Fail(std::string("mlc-chat-config.json: '") + key + "' must be an integer");
-}
 
 static double Ms(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
@@ -231,19 +123,6 @@ static json::Object CheckShards(const std::string& params_dir) {
   return cache;
 }
 
-// cfg[k0][k1]... as a string; "" when a step is missing or not of the expected type.
-static std::string JsonStr(const json::Object& cfg, const std::vector<std::string>& keys) {
-  ffi::Any cur = cfg;
-  for (const std::string& k : keys) {
-    auto obj = cur.try_cast<json::Object>();
-    if (!obj) return "";
-    auto it = obj->find(ffi::String(k));
-    if (it == obj->end()) return "";
-    cur = (*it).second;
-  }
-  auto str = cur.try_cast<ffi::String>();
-  return str ? std::string(*str) : "";
-}
 
 // The model library: --lib, else mlc-chat-config.json mcpm.libs.<device>.so, else
 // lib/<device>/model.so, lib/model.so, model.so.
@@ -438,12 +317,26 @@ static int Run(const Options& o) {
   int64_t vocab = JsonInt(cfg, "vocab_size", 0);
   int64_t ctx = JsonInt(cfg, "context_window_size", 4096);
   int64_t chunk = JsonInt(cfg, "prefill_chunk_size", 128);
+  if (o.tokenize_only) {
+    mcpm::PrintTokenized(o, cfg);
+    return 0;
+  }
   std::vector<int32_t> prompt = o.prompt_ids;
   if (o.prompt_len > 0) {  // synthetic prompt: [BOS] then a fixed pseudo-random walk over the vocab
     if (vocab < 8) throw Fail("--prompt-len needs 'vocab_size' in mlc-chat-config.json");
     if (o.image.empty()) prompt.push_back(static_cast<int32_t>(JsonInt(cfg, "bos_token_id", 1)));
     for (long i = 1; static_cast<long>(prompt.size()) < o.prompt_len; ++i)
       prompt.push_back(static_cast<int32_t>(3 + (i * 37) % (vocab - 3)));
+  }
+  std::optional<mcpm::SpTokenizer> tok;  // --prompt / --prompt-file: tokenized here
+  mcpm::Conversation conv;
+  mcpm::TextPrompt text;
+  if (o.text_prompt()) {
+    tok = mcpm::SpTokenizer::Load(o.bundle + "/tokenizer.model");
+    conv = mcpm::ReadConversation(cfg);
+    text = mcpm::MakeTextPrompt(o, conv, *tok, static_cast<int32_t>(JsonInt(cfg, "bos_token_id", tok->bos_id())),
+                                mcpm::PromptText(o));
+    prompt = text.ids;
   }
   const bool vision = !o.image.empty();
   VisionBundle vb;
@@ -456,7 +349,7 @@ static int Run(const Options& o) {
     auto p0 = clock::now();
     mcpm::Image img = mcpm::ReadPpm(o.image);
     plan = mcpm::PlanImage(img.w, img.h, vb.s);
-    prompt = mcpm::BuildPrompt(plan, vb.tok, prompt, &starts);
+    prompt = mcpm::BuildPrompt(plan, vb.tok, text.prefix, prompt, &starts);
     if (!o.plan_only || !o.dump_dir.empty()) images = mcpm::SliceImages(img, plan, vb.s.pillow13_order);
     prep_ms = Ms(p0, clock::now());
     for (size_t k = 0; k < images.size() && !o.dump_dir.empty(); ++k) {  // for verification
@@ -469,8 +362,8 @@ static int Run(const Options& o) {
       if (!f) throw Fail("cannot write " + base + ".inputs.bin");
     }
     if (o.plan_only) {
-      std::printf("{\"image\": {\"width\": %d, \"height\": %d}, \"plan\": %s, \"prompt_tokens\": %zu}\n", img.w, img.h,
-                  plan.Json().c_str(), prompt.size());
+      std::printf("{\"image\": {\"width\": %d, \"height\": %d}, \"plan\": %s, \"prompt_tokens\": %zu, \"prompt_ids\": %s}\n",
+                  img.w, img.h, plan.Json().c_str(), prompt.size(), mcpm::JsonIds(prompt).c_str());
       return 0;
     }
   }
@@ -613,9 +506,16 @@ static int Run(const Options& o) {
                 "\"vision_encode_total_ms\": %.3f, ",
                 plan.w, plan.h, plan.Json().c_str(), prompt.size(), prep_ms, Ms(tv, t1), Floats(enc_ms).c_str(), enc_total);
   }
-  std::printf("\"tokens\": [");
-  for (size_t i = 0; i < out.size(); ++i) std::printf(i ? ", %d" : "%d", out[i]);
-  std::printf("]}\n");
+  if (tok) {  // the generated text up to the first stop token (conv_template stop_token_ids, EOS)
+    std::vector<int32_t> shown;
+    for (int32_t t : out) {
+      if (t == tok->eos_id() || std::find(conv.stop_ids.begin(), conv.stop_ids.end(), t) != conv.stop_ids.end()) break;
+      shown.push_back(t);
+    }
+    std::printf("\"prompt_text\": %s, \"text\": %s, ", mcpm::JsonQuote(text.text).c_str(),
+                mcpm::JsonQuote(tok->Decode(shown)).c_str());
+  }
+  std::printf("\"tokens\": %s}\n", mcpm::JsonIds(out).c_str());
   return 0;
 }
 
@@ -627,7 +527,7 @@ static std::string OneLine(std::string s) {
 
 int main(int argc, char** argv) {
   try {
-    return Run(ParseArgs(argc, argv));
+    return Run(mcpm::ParseArgs(argc, argv, kVersion));
   } catch (const Fail& e) {
     std::fprintf(stderr, "mcpm-run: error: %s\n", OneLine(e.what()).c_str());
   } catch (const ffi::Error& e) {

@@ -320,12 +320,13 @@ EncoderInputs MakeInputs(const Image& im, const VisionSettings& s, const std::ve
 }
 
 // ---------------------------------------------------------------- prompt (slicing.build_prompt)
-std::vector<int32_t> BuildPrompt(const Plan& p, const ImageTokens& t, const std::vector<int32_t>& text,
-                                 std::vector<int64_t>* starts) {
+std::vector<int32_t> BuildPrompt(const Plan& p, const ImageTokens& t, const std::vector<int32_t>& prefix,
+                                 const std::vector<int32_t>& text, std::vector<int64_t>* starts) {
   std::vector<int32_t> one{t.im_start}, ids;
   one.insert(one.end(), p.query_num, t.unk);
   one.push_back(t.im_end);
   if (t.bos >= 0) ids.push_back(t.bos);
+  ids.insert(ids.end(), prefix.begin(), prefix.end());
   ids.insert(ids.end(), one.begin(), one.end());
   if (p.sliced()) {
     ids.push_back(t.slice_start);

@@ -56,8 +56,8 @@ struct ImageTokens {
   std::vector<int32_t> newline;
 };
 
-// slicing.build_prompt: [bos] image block newline text; *starts = first feature row of each image.
-std::vector<int32_t> BuildPrompt(const Plan& p, const ImageTokens& t, const std::vector<int32_t>& text,
-                                 std::vector<int64_t>* starts);
+// slicing.build_prompt: [bos] prefix image-block newline text; *starts = first feature row of each image.
+std::vector<int32_t> BuildPrompt(const Plan& p, const ImageTokens& t, const std::vector<int32_t>& prefix,
+                                 const std::vector<int32_t>& text, std::vector<int64_t>* starts);
 
 }  // namespace mcpm

@@ -90,6 +90,10 @@ def test_minicpm_v_image_opens_the_first_user_turn():
     assert render(t.jinja(), conv, True, image=img) == text
     with pytest.raises(ExportError, match="takes no image"):
         get_chat_template("minicpm").format_turns(conv, image=img)
+    before, after = t.image_turn(" What is shown?")      # split around the image (slicing.build_prompt)
+    assert (before, after) == ("<用户>", " What is shown?<AI>")
+    assert before + img + "\n" + after == t.format_turns([("user", " What is shown?")], image=img)
+    assert t.options() == {"strip_content": False, "image_first": True}
 
 
 def test_plain_is_the_prompt_and_tiny_ids():

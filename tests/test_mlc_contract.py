@@ -238,8 +238,8 @@ def test_static_link_cpu_and_opencl_into_one_program(bundle, tmp_path):
                     dst.write_bytes(tf.extractfile(m).read())
                     objs.append(str(dst))
     here = build.HERE
-    cmd = ["aarch64-linux-gnu-g++", *build.CXXFLAGS, f"-I{build._ffi_include()}", str(here / "mcpm_run.cc"),
-           str(here / "vision.cc"), "-Wl,--whole-archive", *objs, "-Wl,--no-whole-archive",
+    cmd = ["aarch64-linux-gnu-g++", *build.CXXFLAGS, f"-I{build._ffi_include()}", *(str(here / n) for n in build.CXX_SOURCES),
+           "-Wl,--whole-archive", *objs, "-Wl,--no-whole-archive",
            "-o", str(runner / "mcpm-run.bin"), f"-L{runner / 'lib'}", "-ltvm_runtime", "-ltvm_ffi", "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]     # no duplicate symbols between the two libraries

@@ -194,7 +194,7 @@ def test_bad_input_one_error_line(runner_dir, dev_bundle, tmp_path, how, args, e
 
 def test_missing_bundle_and_prompt(runner_dir, tmp_path):
     for args, expect in [(["--bundle", tmp_path / "nope", "--prompt-len", 3], "bundle directory not found"),
-                         (["--bundle", tmp_path], "give exactly one of --prompt-ids or --prompt-len")]:
+                         (["--bundle", tmp_path], "give exactly one of --prompt, --prompt-file, --prompt-ids or --prompt-len")]:
         proc = run(runner_dir, *args)
         assert proc.returncode == 1 and expect in proc.stderr and len(proc.stderr.splitlines()) == 1
 
@@ -286,6 +286,21 @@ def test_tiny_android_bundle_matches_host_and_pytorch(runner_dir, tmp_path):
     assert decisive.sum() >= 3, "prompt gives too few clear-cut steps to compare tokens"
     assert all(got[i] == int(np.argmax(ref[i])) for i in np.flatnonzero(decisive))
 
-    host = run_bundle(bundle, prompt, n)["tokens"]     # stops at EOS; the runner does not
+    host_run = run_bundle(bundle, prompt, n)     # stops at EOS; the runner does not
+    host = host_run["tokens"]
     first = next((i for i, (a, b) in enumerate(zip(got, host)) if a != b), min(len(got), len(host)))
     assert first == len(host) or not decisive[first], f"runner and host differ at clear-cut step {first}"
+
+    # --prompt: the runner tokenizes on the device (plain chat template of `tiny`: [bos] + the text), so
+    # the same ids, the same greedy tokens, and the host's text wherever the tokens agree
+    out = subprocess.run([QEMU, str(bundle / "runner" / "mcpm-run"), "--bundle", str(bundle), "--prompt", prompt,
+                          "--gen-len", str(n)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    text_run = json.loads(out.stdout)
+    assert text_run["prompt_len"] == len(ids) == host_run["prompt_tokens"] and text_run["tokens"] == got
+    assert text_run["prompt_text"] == host_run["prompt_text"] == prompt
+    eos = Tokenizer(bundle / "tokenizer.model").eos_id
+    shown = got[:got.index(eos)] if eos in got else got
+    assert text_run["text"] == Tokenizer(bundle / "tokenizer.model").decode(shown)
+    if first == len(host):
+        assert text_run["text"] == host_run["text"]

@@ -188,10 +188,12 @@ def v2_bundle(runner_dir, tmp_path_factory):
     return export_vision_bundle(tmp_path_factory.mktemp("v2"), 2)
 
 
-def host_generate(bundle: Path, image: Image.Image, text_ids: list[int], n: int, feats_in=None) -> dict:
+def host_generate(bundle: Path, image: Image.Image, text_ids: list[int], n: int, feats_in=None,
+                  prefix_ids: list[int] = ()) -> dict:
     """The host (x86_64) libraries of the same bundle, image path of targets/tvm/runner.py: features,
-    prompt ids (tokens from vision-config.json, as the runner takes them), greedy tokens and logits
-    (generated from ``feats_in`` when given, e.g. the runner's features, else from the host's)."""
+    prompt ids (tokens from vision-config.json, as the runner takes them; ``prefix_ids`` before the image),
+    greedy tokens and logits (generated from ``feats_in`` when given, e.g. the runner's features, else
+    from the host's)."""
     from targets.tvm.runner import load_bundle
     from targets.tvm.runner import VisionRunner, generate_with_image
     vision = VisionRunner.from_bundle(bundle)
@@ -199,7 +201,7 @@ def host_generate(bundle: Path, image: Image.Image, text_ids: list[int], n: int,
     plan, feats, _ = vision.embed_image(image)
     t = json.loads((bundle / "vision" / "vision-config.json").read_text())["tokens"]
     tokens = ImageTokens(t["im_start"], t["im_end"], t["slice_start"], t["slice_end"], t["unk"], t["newline"])
-    ids, starts = build_prompt(plan, tokens, text_ids, t["bos"])
+    ids, starts = build_prompt(plan, tokens, text_ids, t["bos"], prefix_ids)
     gen = generate_with_image(model, ids, starts, feats if feats_in is None else feats_in, vision.cfg.query_num, n)
     return {"plan": plan.to_dict(), "ids": ids, "feats": feats, **gen}
 
@@ -208,26 +210,37 @@ def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_pat
     from click.testing import CliRunner
 
     from device_tests.harness import image_to_ppm
+    from exporter.chat import get_chat_template
     from exporter.cli import main
     from exporter.tokenizer import Tokenizer
     png, ppm = tmp_path / "image.png", tmp_path / "image.ppm"
     img.save(png)
     assert image_to_ppm(png, ppm) == img.size
-    text = Tokenizer(bundle / "tokenizer.model").encode(prompt, bos=False)
-    out = run_json(runner_dir, "--bundle", bundle, "--image", ppm, "--prompt-ids", ",".join(map(str, text)),
+    # the runner tokenizes the prompt itself, as a minicpm-v user turn opened by the image (chat, the default
+    # of both the runner and `mcpm-export run`): [bos] <用户> image-block \n text <AI>
+    tok = Tokenizer(bundle / "tokenizer.model")
+    before, after = get_chat_template("minicpm-v").image_turn(prompt)
+    prefix, text = tok.encode(before, bos=False), tok.encode(after, bos=False)
+    out = run_json(runner_dir, "--bundle", bundle, "--image", ppm, "--prompt", prompt,
                    "--gen-len", n, "--threads", 2, "--features-out", tmp_path / "f.bin", "--logits-out", tmp_path / "l.bin")
     from targets.tvm.vision import PARITY_RTOL_Q8
     vconf = json.loads((bundle / "vision" / "vision-config.json").read_text())
     q8 = vconf["weights"]["format"] == "q8"
     feats = np.fromfile(tmp_path / "f.bin", dtype="<f4").reshape(-1, vconf["config"]["hidden"])
     # q8: generate from the runner's features, so the text path is compared exactly and the features apart
-    ref = host_generate(bundle, img, text, n, feats if q8 else None)
+    ref = host_generate(bundle, img, text, n, feats if q8 else None, prefix)
     cli = CliRunner().invoke(main, ["run", str(bundle), "--image", str(png), "--prompt", prompt,
                                     "--max-new-tokens", str(n), "--json"])
     assert cli.exit_code == 0, cli.output
     host = json.loads(cli.output.splitlines()[-1])     # stops at EOS; the runner does not
+    raw = CliRunner().invoke(main, ["run", str(bundle), "--image", str(png), "--prompt", prompt, "--raw",
+                                    "--max-new-tokens", "1", "--json"])   # --raw: [bos] image-block \n text
+    assert raw.exit_code == 0, raw.output
+    raw_len = len(ref["ids"]) - len(prefix) - len(text) + len(tok.encode(prompt, bos=False))
+    assert json.loads(raw.output.splitlines()[-1])["prompt_tokens"] == raw_len
     if not q8:   # q8: the host CLI encodes its own features (not bit-equal to the runner's)
         assert out["tokens"][:len(host["tokens"])] == host["tokens"] == ref["tokens"][:len(host["tokens"])]
+        assert out["text"] == host["text"]
     assert out["tokens"] == ref["tokens"]
     assert out["plan"] == host["plan"] == ref["plan"]
     assert out["prompt_tokens"] == out["prompt_len"] == host["prompt_tokens"] == len(ref["ids"])

@@ -180,19 +180,25 @@ def image_prompt_ids(plan: ImagePlan, t: ImageTokens) -> list[int]:
     return ids
 
 
-def build_prompt(plan: ImagePlan, t: ImageTokens, text_ids: list[int], bos: int | None) -> tuple[list[int], list[int]]:
-    """(token ids, start index of each image's feature span); layout: [bos] image-block \\n text."""
-    ids = ([bos] if bos is not None else []) + image_prompt_ids(plan, t) + t.newline + list(text_ids)
+def build_prompt(plan: ImagePlan, t: ImageTokens, text_ids: list[int], bos: int | None,
+                 prefix_ids: list[int] = ()) -> tuple[list[int], list[int]]:
+    """(token ids, start index of each image's feature span); layout: [bos] prefix image-block \\n text
+    (prefix: a chat template's text before the image, e.g. MiniCPM-V's user role)."""
+    ids = ([bos] if bos is not None else []) + list(prefix_ids) + image_prompt_ids(plan, t) + t.newline + list(text_ids)
     starts = [i + 1 for i, x in enumerate(ids) if x == t.im_start]
     if len(starts) != len(plan.images):
         raise ExportError(f"prompt text contains '{IMAGE_START}' itself; remove it")
     return ids, starts
 
 
-def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None) -> tuple[list[int], list[int]]:
-    """Token ids of [bos] image-block newline text, and where each image's 64 features go."""
+def image_prompt(tokenizer: Tokenizer, plan: ImagePlan, text: str, config_json=None,
+                 template=None) -> tuple[list[int], list[int]]:
+    """Token ids of [bos] image-block newline text, and where each image's 64 features go. With a chat
+    ``template`` (exporter/chat.py, minicpm-v): the text is a user turn opened by the image,
+    [bos] <用户> image-block newline text <AI>, as MiniCPM-V's chat() builds it."""
+    before, text = template.image_turn(text) if template is not None else ("", text)
     return build_prompt(plan, ImageTokens.from_tokenizer(tokenizer, config_json), tokenizer.encode(text, bos=False),
-                        tokenizer.bos_id)
+                        tokenizer.bos_id, tokenizer.encode(before, bos=False))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from exporter.verify import expected_prefix
 
 from . import mlc
 from .model import KV_DTYPE, MiniCPMTVM, q4_at, q8_at
-from .options import BACKENDS  # noqa: F401  (--backend -> builds; targets/tvm_vision.py reads it here)
+from .options import BACKENDS  # noqa: F401  (--backend -> builds; targets/tvm/vision.py reads it here)
 from .reproducible import canonical_shape_funcs
 
 TRIPLES = {"android": "aarch64-linux-android", "harmony": "aarch64-linux-ohos"}

@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from exporter.chat import get_chat_template
 from exporter.errors import ExportError
 from exporter.model import check_generation
 from exporter.parity import Generation, greedy
@@ -213,14 +214,17 @@ def generate_with_image(model, ids: list[int], starts: list[int], feats: np.ndar
     return {"tokens": gen.tokens, "logits": gen.logits, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s}
 
 
-def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32) -> dict:
-    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart."""
+def run_bundle_with_image(bundle: Path, image_path: Path, prompt: str, max_new_tokens: int = 32,
+                          chat: bool = True) -> dict:
+    """`mcpm-export run BUNDLE --image PATH`: vision encode (per slice), prefill and decode timed apart.
+    ``chat``: the prompt is a user turn of the bundle's chat template opened by the image; else as is."""
     check_generation(max_new_tokens)
     image = read_image(image_path, "--image ")
     vision = VisionRunner.from_bundle(Path(bundle))
     model, tok, conf = load_bundle(Path(bundle))
     plan, feats, times = vision.embed_image(image)
-    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json")
+    template = get_chat_template(conf.get("mcpm", {}).get("chat_template", "minicpm-v")) if chat else None
+    ids, starts = image_prompt(tok, plan, prompt, Path(bundle) / "tokenizer_config.json", template)
     gen = generate_with_image(model, ids, starts, feats, vision.cfg.query_num, max_new_tokens,
                               conf.get("eos_token_id"))
     n_new = len(gen["tokens"])

@@ -108,6 +108,7 @@ def _write_config(req: BuildRequest, staging: Path, libs: dict, model_lib: str, 
         "pad_token_id": 0, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "model_task": "chat", "model_lib": model_lib,
         "mcpm": {"recipe": recipe.name, "libs": libs, "page_size": PAGE_SIZE, "chat_template": template.name,
+                 "chat_options": template.options(),
                  "functions": [*mlc.KERNEL_FUNCTIONS, *mlc.MLC_FUNCTIONS],
                  **({"vision": {"runner": "runner/mcpm-run --image", "mlc": MLC_VISION_NOTE}}
                     if recipe.is_vision else {})},
