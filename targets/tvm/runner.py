@@ -149,8 +149,6 @@ def run_bundle(bundle: Path, prompt: str, max_new_tokens: int = 32, chat: bool =
     """Greedy generation with the bundle's host build (what `mcpm-export run` prints). ``chat``: the
     prompt is one user turn in the bundle's chat template (exporter/chat.py, as the model was trained);
     else it is tokenized as is. Generation stops at the template's stop tokens."""
-    from exporter.chat import get_chat_template
-
     check_generation(max_new_tokens)
     model, tok, conf = load_bundle(bundle)
     template = get_chat_template(conf.get("mcpm", {}).get("chat_template", "plain"))
