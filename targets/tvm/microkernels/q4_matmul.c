@@ -26,7 +26,6 @@
  * (x86 prefill GEMM), q8_matmul.c (int8 weights), vq8_gemm.c (vision int8 GEMM), attention.c.
  */
 #include "common.h"
-#include <string.h>
 
 /* Rows walked per block of GEMM_TOK tokens by the prefill GEMMs (their activations stay in L2). */
 #define GEMM_TOK 32
@@ -86,7 +85,8 @@ static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32
         nb[q * (k / 2) + g0 * 16 + quad_nb(tt, 0)] = nb[q * (k / 2) + g0 * 16 + quad_nb(tt, 1)] = c;
         xd[q * 4 * G + g0 * 4 + tt] = d[0];
 #ifdef QUAD_D_PATTERN
-        for (int i = 0; i < 2; i++) memcpy(nb + q * (k / 2) + g0 * 16 + QUAD_D_PATTERN + quad_nb(tt, i), &d[0], 4);
+        union { float f; int32_t i; } dv = {d[0]};
+        for (int i = 0; i < 2; i++) nb[q * (k / 2) + g0 * 16 + QUAD_D_PATTERN + quad_nb(tt, i)] = dv.i;
 #endif
         g0 += 1;
         continue;
