@@ -4,9 +4,9 @@
 
 Compiles, with the same clang and flags for both (-O3, -march=armv8.2-a+dotprod, and
 armv8.6-a+dotprod+i8mm for the i8mm kernels):
-  ours      targets/tvm/microkernels: the decode GEMV (row_dot: one row x one token) and the prefill GEMM
-            tile (gemm_tile: 4 rows x 4 tokens; with i8mm rows2_dot4: 2 rows x 4 tokens), each behind a
-            noinline wrapper so that its inner loop stands alone in the assembly
+  ours      targets/tvm/microkernels/q4_neon.c: the decode GEMV (rows2_dot: 2 rows x 1 token, 4 groups per
+            step) and the prefill GEMM tile (4 rows x 8 tokens: tile_sdot, with i8mm tile_mmla), each behind
+            a noinline wrapper so that its inner loop stands alone in the assembly
   llama.cpp the llama-cpp-python sdist bench/decode_host.py builds (read from ~/.cache, never copied into
             this project): ggml_vec_dot_q4_0_q8_0 (arch/arm/quants.c), the repacked Q4_0x4 kernels
             ggml_gemv/gemm_q4_0_4x4_q8_0 (dotprod) and ggml_gemv/gemm_q4_0_4x8_q8_0 (i8mm) (arch/arm/repack.cpp)
@@ -35,28 +35,29 @@ sys.path.insert(0, str(ROOT / "bench"))
 MK = ROOT / "targets" / "tvm" / "microkernels"
 DOTPROD, I8MM = "armv8.2-a+dotprod+fp16", "armv8.6-a+dotprod+i8mm+fp16"
 FLAGS = ["--target=aarch64-linux-gnu", "-O3", "-fno-math-errno", "-c", "-DNDEBUG"]
-# Wrappers keeping our inner loops out of the row/token bookkeeping (compiled with q4_matmul.c).
+# Wrappers keeping our inner loops out of the row/token bookkeeping (compiled with q4_matmul.c, which
+# includes q4_neon.c).
 OURS_DRIVER = """
 #include "q4_matmul.c"
-__attribute__((noinline)) float mca_gemv(const uint8_t* w, const uint16_t* s, const int8_t* xq, const int32_t* nb,
-                                         const float* xd, int64_t G) { return row_dot(w, s, xq, nb, xd, G); }
-#ifdef GEMM_R
+__attribute__((noinline)) void mca_gemv(const uint8_t* w, int64_t ws, const uint16_t* s, const int8_t* xq,
+                                        const int32_t* nb, const float* xd, int64_t G, float* out) {
+  rows2_dot(w, ws, s, G, xq, nb, xd, out);
+}
 __attribute__((noinline)) void mca_gemm(const uint8_t* w, const uint16_t* s, int64_t G, const int8_t* xq,
                                         const int32_t* nb, const float* xd, int64_t k, float* out, int64_t os) {
-  gemm_tile(w, k / 2, s, G, xq, nb, xd, k, out, os);
+  GEMM_TILE(4, 2, w, k / 2, s, G, xq, nb, xd, k, out, os);
 }
-#endif
 """
 # (label, source, function, -march, role)
 KERNELS = [
-    ("mcpm decode GEMV (row_dot)", "ours", "mca_gemv", DOTPROD, "gemv"),
+    ("mcpm decode GEMV (rows2_dot)", "ours", "mca_gemv", DOTPROD, "gemv"),
     ("llama.cpp ggml_vec_dot_q4_0_q8_0", "quants.c", "ggml_vec_dot_q4_0_q8_0", DOTPROD, "gemv"),
     ("llama.cpp ggml_gemv_q4_0_4x4_q8_0 (repacked)", "repack.cpp", "ggml_gemv_q4_0_4x4_q8_0", DOTPROD, "gemv"),
-    ("mcpm prefill GEMM tile 4x4 (gemm_tile)", "ours", "mca_gemm", DOTPROD, "gemm"),
+    ("mcpm prefill GEMM tile 4x8 (tile_sdot)", "ours", "mca_gemm", DOTPROD, "gemm"),
     ("llama.cpp ggml_gemm_q4_0_4x4_q8_0 (repacked)", "repack.cpp", "ggml_gemm_q4_0_4x4_q8_0", DOTPROD, "gemm"),
     ("mcpm decode GEMV, i8mm build", "ours", "mca_gemv", I8MM, "gemv"),
     ("llama.cpp ggml_gemv_q4_0_4x8_q8_0 (repacked, i8mm build)", "repack.cpp", "ggml_gemv_q4_0_4x8_q8_0", I8MM, "gemv"),
-    ("mcpm prefill GEMM tile 2x4 smmla (rows2_dot4)", "ours", "mca_gemm", I8MM, "gemm"),
+    ("mcpm prefill GEMM tile 4x8 smmla (tile_mmla)", "ours", "mca_gemm", I8MM, "gemm"),
     ("llama.cpp ggml_gemm_q4_0_4x8_q8_0 (repacked, i8mm)", "repack.cpp", "ggml_gemm_q4_0_4x8_q8_0", I8MM, "gemm"),
 ]
 # Published LPDDR type and data rate of each SoC preset's memory (64-bit bus): peak GB/s, not sustained.

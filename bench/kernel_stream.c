@@ -12,15 +12,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct {
-  void* data;
-  int32_t device_type, device_id, ndim;
-  uint8_t code, bits;
-  uint16_t lanes;
-  const int64_t* shape;
-  const int64_t* strides;
-  uint64_t byte_offset;
-} DLT;
+#include "../targets/tvm/microkernels/common.h"   /* DLT (the kernels' DLTensor view) */
 int32_t mcpm_k_q4_quant_act(const DLT*, DLT*, DLT*, DLT*);
 int32_t mcpm_k_q4_matmul_dyn(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, DLT*, int32_t);
 

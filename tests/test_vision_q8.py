@@ -1,4 +1,4 @@
-"""int8 vision weights (targets/tvm/vision_q8.py + q4_matmul.c vq8_*): kernel numbers, rewrite, parity.
+"""int8 vision weights (targets/tvm/vision_q8.py + microkernels/vq8_gemm.c vq8_*): kernel numbers, rewrite, parity.
 
 Tolerances.
   * GEMM kernel vs a numpy emulation of its maths (int8 activations per 32-group, exact integer dots,

@@ -138,7 +138,7 @@ def kernel_prefix(target: tvm.target.Target) -> str:
     """``mcpm_k<hash>_``: the prefix of the microkernels' exported names for ``target``.
 
     A hash of the source and the compile flags, so two model libraries in one app cannot clash: the
-    same name means the same code (the symbols are weak and hidden, see q4_matmul.c)."""
+    same name means the same code (the symbols are weak and hidden, see microkernels/common.h)."""
     return f"mcpm_k{_key(target)[:12]}_"
 
 

@@ -226,7 +226,7 @@ def build_vision(checkpoint: Path | Checkpoint | MiniCPMVCheckpoint, recipe, sta
     winfo = {"format": fmt, "reason": why, "bytes": int(sum(a.nbytes for _, a in params)), "fp32_bytes": n_fp32}
     if fmt == "q8":
         winfo.update(scheme="int8 [out, ceil32(in)] + float16 scale per 32 inputs; int8 activations per 32",
-                     kernels="targets/tvm/microkernels/q4_matmul.c vq8_*",
+                     kernels="targets/tvm/microkernels/vq8_gemm.c vq8_*",
                      fp32="patch embedding, position embedding, biases, norms, resampler queries")
     libs = {}
     for b in pipeline.BACKENDS[backend]:

@@ -16,7 +16,7 @@ slices, one q8 tensor each), out_proj and proj. The patch embedding (a reshaped 
 position-embedding interpolation (``pos_interp @ pos_embed``, interpolation weights as activations)
 stay float32. The fp32 parameters no longer used are dropped from the signature.
 
-The two functions are TIR wrappers around microkernels/q4_matmul.c (``vq8_quant_act``,
+The two functions are TIR wrappers around microkernels/vq8_gemm.c (``vq8_quant_act``,
 ``vq8_matmul_dyn``: token quads x row quads tiles, weights repacked per task, AVX-512 VNNI / AVX2 / NEON
 dotprod / Armv8.0 NEON / portable C); their symbol names carry ``kernels.kernel_prefix(target)``, so ``bind_kernels(mod,
 target)`` (in compile_vision, llvm targets only) fills them in per target and attaches the object.

@@ -8,11 +8,8 @@
  * ~120 KB, stay in L2), in register tiles of GEMM_R rows x 4 tokens: each weight block is unpacked once
  * for 4 tokens and each activation block serves GEMM_R rows.
  *   AVX-512 (VNNI or BW):  4 rows x 4 tokens, 4 groups (128 inputs) per step, 16 zmm accumulators
- *   NEON dotprod:          4 rows x 4 tokens, 1 group per step, 16 q-register accumulators
- *   NEON i8mm:             2 rows x 4 tokens with smmla (rows2_dot4 of q4_matmul.c)
- *   others (AVX2, Armv8.0, C): 1 row x 1-4 tokens, with the same token blocking. */
-#define GEMM_TOK 32
-
+ *   others (AVX2, Armv8.0, C): 1 row x 1-4 tokens, with the same token blocking.
+ * aarch64 with dotprod / i8mm has its own GEMM in q4_neon.c (quad activation layout). */
 #if BLK == 4
 #define GEMM_R 4
 /* y[t, r] for rows w..w + 4 rows (row stride wstride bytes) x tokens xq..xq + 4 tokens. */
@@ -63,47 +60,9 @@ static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* 
       out[t * ostride + r] = v;
     }
 }
-#elif defined(__ARM_NEON) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD) && !defined(HAVE_MMLA)
-#define GEMM_R 4
-static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G, const int8_t* xq,
-                             const int32_t* nb, const float* xd, int64_t k, float* out, int64_t ostride) {
-  const int64_t W = k / 8;
-  const uint8x16_t mask = vdupq_n_u8(15);
-  float32x4_t acc[GEMM_R][4];
-  for (int r = 0; r < GEMM_R; r++)
-    for (int t = 0; t < 4; t++) acc[r][t] = vdupq_n_f32(0.f);
-  for (int64_t g = 0; g < G; g++) {
-    int8x16_t lo[GEMM_R], hi[GEMM_R];
-    float sr[GEMM_R];
-    for (int r = 0; r < GEMM_R; r++) {
-      const uint8x16_t wb = vld1q_u8(w + r * wstride + g * 16);
-      lo[r] = vreinterpretq_s8_u8(vandq_u8(wb, mask));
-      hi[r] = vreinterpretq_s8_u8(vshrq_n_u8(wb, 4));
-      sr[r] = h2f_fast(s[r * G + g]);
-    }
-    for (int t = 0; t < 4; t++) {
-      const int8_t* xt = xq + t * k + g * 32;
-      const int8x16_t xl = vld1q_s8(xt), xh = vld1q_s8(xt + 16);
-      const int32x4_t n = vld1q_s32(nb + t * W + g * 4);
-      const float d = xd[t * G + g];
-      for (int r = 0; r < GEMM_R; r++) {
-        const int32x4_t a = vdotq_s32(vdotq_s32(n, lo[r], xl), hi[r], xh);
-        acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(a), sr[r] * d);
-      }
-    }
-  }
-  for (int r = 0; r < GEMM_R; r++)
-    for (int t = 0; t < 4; t++) out[t * ostride + r] = vaddvq_f32(acc[r][t]);
-}
-#elif defined(HAVE_MMLA)
-#define GEMM_R 2
-static inline void gemm_tile(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G, const int8_t* xq,
-                             const int32_t* nb, const float* xd, int64_t k, float* out, int64_t ostride) {
-  (void)wstride;                     /* rows2_dot4 takes the second row at w + k / 2, s + G */
-  rows2_dot4(w, s, xq, nb, xd, G, k, out, ostride);
-}
 #endif
 
+#ifndef QUAD_ACT
 /* y[t, r] for tokens 0 <= t < m and rows r0 <= r < r1 (m >= 4). */
 static void q4_gemm_rows(const uint32_t* qw, const uint16_t* sc, const int8_t* xq, const int32_t* nb, const float* xd,
                          float* y, int64_t m, int64_t n_out, int64_t k, int64_t r0, int64_t r1) {
@@ -133,3 +92,4 @@ static void q4_gemm_rows(const uint32_t* qw, const uint16_t* sc, const int8_t* x
     }
   }
 }
+#endif
