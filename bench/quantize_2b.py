@@ -49,7 +49,8 @@ def main() -> None:
                                      allow_quality_loss=True, quantizer=args.quantizer)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     params = sum(int(v.shape[0]) * int(v.shape[1]) if hasattr(v, "bits") else int(v.size) for v in qm.tensors.values())
-    res = {"recipe": rec.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "params": params, "layers": config.num_hidden_layers,
+    res = {"recipe": rec.name, "scheme": qm.scheme.name, "quantizer": qm.quantizer, "params": params,
+           "layers": config.num_hidden_layers,
            "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "quantized_gb": round(qm.nbytes / 1e9, 3), "bytes_per_param": round(qm.nbytes / params, 3),

@@ -11,8 +11,9 @@
   two threads). Each group's scale is the clipping search's choice on the group's already-compensated
   weights; once every value is rounded, each row's scales are re-fitted jointly by least squares in
   the same X^T X metric (``refit_scales``: measured on tiny, q4f16_e8 +0.50% -> +0.31%, q4f16
-  +0.98% -> +0.78%; bench/RESULTS.md). Sequential: each decoder layer's statistics are taken on the output of the layers before
-  it as quantized (measured on tiny: q4f16_e8 +0.56% -> +0.50%, q4f16 +1.25% -> +0.98%). For int4
+  +0.98% -> +0.78%; bench/RESULTS.md). Sequential: each decoder layer's statistics are taken on the
+  output of the layers before it as quantized (measured on tiny before the refit: q4f16_e8 +0.56% ->
+  +0.50%, q4f16 +1.25% -> +0.98%). For int4
   tensors, the embedding / tied head included (its statistics are those of the head's input); int8
   tensors take the clipping search (GPTQ-rounding tiny's int8 embedding measured +0.52% vs +0.50%).
 
