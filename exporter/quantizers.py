@@ -11,8 +11,9 @@
   two threads). Each group's scale is the clipping search's choice on the group's already-compensated
   weights; once every value is rounded, each row's scales are re-fitted jointly by least squares in
   the same X^T X metric (``refit_scales``: measured on tiny, q4f16_e8 +0.50% -> +0.31%, q4f16
-  +0.98% -> +0.78%; bench/RESULTS.md). Sequential: each decoder layer's statistics are taken on the output of the layers before
-  it as quantized (measured on tiny: q4f16_e8 +0.56% -> +0.50%, q4f16 +1.25% -> +0.98%). For int4
+  +0.98% -> +0.78%; bench/RESULTS.md). Sequential: each decoder layer's statistics are taken on the
+  output of the layers before it as quantized (measured on tiny before the refit: q4f16_e8 +0.56% ->
+  +0.50%, q4f16 +1.25% -> +0.98%). For int4
   tensors, the embedding / tied head included (its statistics are those of the head's input); int8
   tensors take the clipping search (GPTQ-rounding tiny's int8 embedding measured +0.52% vs +0.50%).
 
@@ -209,22 +210,24 @@ def _group(W, C, f: HessianFactors, g: int, grid: Grid, V, D) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_scales(w: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, h: torch.Tensor,
-                 rows_per_chunk: int = 16) -> torch.Tensor:
+                 rows_per_chunk: int = 4096) -> torch.Tensor:
     """The group scales that, given the grid values, minimise each row's layer-output error
     (w - v*s) H (w - v*s)^T: per row a [in/GROUP]^2 least-squares system M^T H M s = M^T H w, M
     placing the values of group g in column g. Rounded to float16; a group whose refit scale is not
     positive keeps its scale, and a row keeps all of them unless the rounded refit lowers its error."""
     out, n = w.shape
     G = n // GROUP
-    Hg = h.reshape(n, G, GROUP)
     new = scales.clone()
     for r0 in range(0, out, rows_per_chunk):
-        V = values[r0:r0 + rows_per_chunk].float().reshape(-1, G, GROUP)
-        S = scales[r0:r0 + rows_per_chunk]
-        HM = torch.einsum("ngk,rgk->rng", Hg, V)                                     # H M  [rows, in, G]
-        A = torch.einsum("rhk,rhkg->rhg", V, HM.reshape(-1, G, GROUP, G))           # M^T H M
-        resid = w[r0:r0 + rows_per_chunk].float() - (V * S[..., None]).reshape(-1, n)
-        b = torch.einsum("rn,rng->rg", resid, HM)                                   # M^T H (w - M s)
+        rows = slice(r0, r0 + rows_per_chunk)
+        V = values[rows].float()
+        Vg, S = V.view(-1, G, GROUP), scales[rows]
+        A = torch.empty(V.shape[0], G, G)
+        for g in range(G):      # row g of M^T H M: group g's values times H, summed per group with the values
+            part = V[:, g * GROUP:(g + 1) * GROUP] @ h[g * GROUP:(g + 1) * GROUP]
+            A[:, g] = (part.view(-1, G, GROUP) * Vg).sum(-1)
+        resid = w[rows].float() - (Vg * S[..., None]).reshape(-1, n)
+        b = ((resid @ h).view(-1, G, GROUP) * Vg).sum(-1)                      # M^T H (w - M s)
         ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
         delta = torch.linalg.solve(A + torch.diag_embed(ridge[:, None].expand(-1, G)), b)
         cand = (S + delta).half().float()

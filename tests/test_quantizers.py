@@ -89,7 +89,8 @@ def test_dequantize_broadcast_equals_elementwise():
     np.testing.assert_array_equal(quant.unpack_int4(quant.pack_codes(codes), scale),
                                   (codes.astype(np.float32) - quant.Q4_ZERO) * scale[:, k // 32].astype(np.float32))
     q8 = rng.integers(-127, 128, (5, 96)).astype(np.int8)
-    np.testing.assert_array_equal(quant.unpack_int8(q8, scale), q8.astype(np.float32) * scale[:, k // 32].astype(np.float32))
+    np.testing.assert_array_equal(quant.unpack_int8(q8, scale),
+                                  q8.astype(np.float32) * scale[:, k // 32].astype(np.float32))
 
 
 def test_gptq_quantizer_packs_q4f16_and_keeps_int8_on_the_clipping_search():
