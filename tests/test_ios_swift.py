@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from targets.coreml.session import open_bundle
-from targets.coreml.verify import model_from_state, package_state_dict
+from targets.coreml.verify import TOLERANCE, model_from_state, package_state_dict
 
 pytestmark = pytest.mark.slow
 EVAL_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "python-tutorial.txt"
@@ -26,9 +26,25 @@ def reference(chat, tiny):
     return model_from_state(tiny.config, package_state_dict(chat.interp, list(tiny.state)))
 
 
-def expected(reference, chat, ids, steps):
-    tokens, _ = reference.generate(ids, steps, eos_id=chat.c.eos, prefill_chunk=chat.c.chunk)
-    return tokens[:-1] if tokens[-1] in chat.c.stop_ids else tokens
+def assert_reference_tokens(reference, chat, ids, steps, reply):
+    """``reply`` (the transcribed loop's tokens, stop token dropped) equals the reference's greedy tokens,
+    except at a near-tie: where the engine's token is within TOLERANCE.logit_atol of the reference's best
+    logit (the package computes in float16 and may break a tie the other way); from there the reference
+    continues from the engine's token. Any other difference fails."""
+    done = 0
+    while True:
+        tokens, logits = reference.generate(ids + reply[:done], steps - done, eos_id=chat.c.eos,
+                                            prefill_chunk=chat.c.chunk)
+        if tokens and tokens[-1] in chat.c.stop_ids:
+            tokens = tokens[:-1]
+        rest = reply[done:]
+        k = next((i for i, (a, b) in enumerate(zip(rest, tokens)) if a != b), None)
+        if k is None:
+            assert rest == tokens, (done, rest, tokens)
+            return
+        gap = float(logits[k].max() - logits[k][rest[k]])
+        assert gap <= TOLERANCE.logit_atol, f"step {done + k}: {rest[k]} vs reference {tokens[k]}, gap {gap:.3f}"
+        done += k + 1
 
 
 def recording(chat):
@@ -56,7 +72,8 @@ def test_three_chunks_then_a_second_turn(chat, reference):
     calls = recording(chat)
     shown = []
     first = chat.reply(messages, STEPS, shown.append)
-    assert first == expected(reference, chat, ids, STEPS) and len(set(first)) > 2
+    assert_reference_tokens(reference, chat, ids, STEPS, first)
+    assert len(set(first)) > 2
     assert calls[:3] == [("prefill", 0), ("prefill", C), ("prefill", 2 * C)]
     assert calls[3:] == [("decode", len(ids) + i) for i in range(len(first) - 1)]
     assert "".join(shown) == chat.tokenizer.decode(first, skip_special_tokens=False)
@@ -67,7 +84,7 @@ def test_three_chunks_then_a_second_turn(chat, reference):
     ids2 = chat.prompt_ids(messages)
     calls.clear()
     second = chat.reply(messages, STEPS)
-    assert second == expected(reference, chat, ids2, STEPS)
+    assert_reference_tokens(reference, chat, ids2, STEPS, second)
     assert calls[0][1] >= len(ids)                       # the first turn's slots were kept
     assert chat.cached[:calls[0][1]] == held[:calls[0][1]] == ids2[:calls[0][1]]
 
@@ -89,7 +106,7 @@ def test_end_of_window(chat, reference):
     assert N - C < len(ids) < N - 3, len(ids)
     calls = recording(chat)
     reply = chat.reply(messages, N)
-    assert reply == expected(reference, chat, ids, N - len(ids) + 1)
+    assert_reference_tokens(reference, chat, ids, N - len(ids) + 1, reply)
     assert [f for f, _ in calls] == ["decode"] * len(calls) and calls[-1][1] == N - 1
     if len(reply) == N - len(ids) + 1:                   # no EOS before the window filled up
         assert len(chat.cached) == N
