@@ -85,7 +85,7 @@ class BuildRequest:
 
 
 def _write_config(req: BuildRequest, staging: Path, libs: dict, model_lib: str, tok_files: list[str],
-                  specs: list[tuple[str, tuple, str]]) -> dict:
+                  specs: list[tuple[str, tuple, str]], kv_bytes: int) -> dict:
     """mlc-chat-config.json as MLC-LLM parses it (protocol/mlc_chat_config.py, MLCChat's Gson ModelConfig)
     and mlc-package-config.json; returns the package entry."""
     cfg, recipe = req.config, req.recipe
@@ -114,7 +114,7 @@ def _write_config(req: BuildRequest, staging: Path, libs: dict, model_lib: str, 
                     if recipe.is_vision else {})},
     }
     (staging / "mlc-chat-config.json").write_text(json.dumps(conf, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    entry = package_entry(recipe.name, model_lib, cfg, recipe, specs)
+    entry = package_entry(recipe.name, model_lib, cfg, recipe, specs, kv_bytes)
     (staging / "mlc-package-config.json").write_text(json.dumps(
         {"device": "android", "model_list": [entry],   # MLC packages HarmonyOS apps through its android flow
          "model_lib_path_for_prepare_libs": {model_lib: libs[_mlc_backend(libs)]["tar"]}}, indent=2) + "\n")
@@ -127,13 +127,13 @@ def _mlc_backend(libs: dict) -> str:
 
 
 def package_entry(model_id: str, model_lib: str, cfg: MiniCPMConfig, recipe: Recipe,
-                  specs: list[tuple[str, tuple, str]]) -> dict:
-    """An MLCChat mlc-package-config.json ``model_list`` entry; estimated_vram_bytes = params + float32
-    KV cache of the context window + the largest temporary activation (mlc.memory_usage)."""
+                  specs: list[tuple[str, tuple, str]], kv_bytes: int) -> dict:
+    """An MLCChat mlc-package-config.json ``model_list`` entry; estimated_vram_bytes = params + the KV cache
+    of the context window in the build's KV dtype (``kv_bytes``) + the largest temporary activation
+    (mlc.memory_usage)."""
     params = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in specs)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * recipe.context_window
     return {"model": ".", "model_id": model_id, "model_lib": model_lib, "bundle_weight": True,
-            "estimated_vram_bytes": int(params + kv + max(mlc.memory_usage(cfg, recipe.prefill_chunk).values())),
+            "estimated_vram_bytes": int(params + kv_bytes + max(mlc.memory_usage(cfg, recipe.prefill_chunk).values())),
             "overrides": {"context_window_size": recipe.context_window,
                           "prefill_chunk_size": recipe.prefill_chunk}}
 
@@ -223,7 +223,7 @@ def build_bundle(req: BuildRequest, staging: Path) -> dict:
                 shutil.copyfile(req.tokenizer_dir / name, staging / name)
                 tok_files.append(name)
         model_lib = libs[_mlc_backend(libs)]["prefix"].rstrip("_")
-        entry = _write_config(req, staging, libs, model_lib, tok_files, specs)
+        entry = _write_config(req, staging, libs, model_lib, tok_files, specs, kv_cache["bytes_at_context"])
         log("mlc-package-config.json model_list entry: " + json.dumps(entry))
         runner_keys = install_runner(staging, say=log)   # runner/mcpm-run + its loader and libraries
 
