@@ -41,11 +41,6 @@ STATE_NAMES = ("key_cache", "value_cache")
 PIECE_NAME = re.compile(r"p_embed_piece_(\d+)_to_fp16")  # CoreMLMiniCPM(head_rows=...) pieces
 
 
-def is_embedding_const(name: str) -> bool:
-    """The tied embedding / head constant, whole or one of its --ane-head pieces."""
-    return name in EMBED_NAMES or name == LUT_EMBED_NAME or PIECE_NAME.fullmatch(name) is not None
-
-
 def io_spec(cfg, context: int, chunk: int, logits_shape: list[int] | None = None) -> dict:
     """Input/output/state names and shapes of both functions (written into the manifest).
 
