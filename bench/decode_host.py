@@ -10,11 +10,16 @@ ids, greedy. Engines and their settings: bench/host_engines.py (every engine in 
 configuration; `llama.cpp-passive` and `llama.cpp-norepack` are extra, labelled rows). Each repetition runs every engine once,
 in its own process, engines interleaved (rep 1: A B C, rep 2: A B C, ...); each process warms up once.
 Reported per engine and workload: median and min-max tok/s over the repetitions.
-Roofline: STREAM-like C read (bench/kernel_stream.c `read`, 1 GiB, same threads, best of 9 with the
-median and the spread) divided by the bytes one decoded token reads (int4 weights + fp16 scales incl. the
-tied head + the KV cache of the context, in the mcpm build's KV dtype), for tg<N>@d<P>.
+Roofline: STREAM-like C read (bench/kernel_stream.c `read`, 1 GiB, same threads) divided by the bytes
+one decoded token reads (int4 weights + fp16 scales incl. the tied head + the KV cache of the context, in
+the mcpm build's KV dtype), for tg<N>@d<P>. A shared machine's read bandwidth swings between runs (29.9
+to 46.1 GB/s within one 9-read measurement here), so the read is taken right before every engine run
+(best of 5) and each run is set against its own: % roofline per run, median and min-max; plus 9 reads
+at the end.
 JSON (--json): engines.NAME.prefill_tok_s / decode_tok_s (medians of pp<P> / tg<N>@d<P>, as scripts
-expect), engines.NAME.workloads.W = {median, min, max, runs}, bandwidth, roofline, load averages.
+expect), engines.NAME.workloads.W = {median, min, max, runs}, engines.NAME.roofline_pct = {median, min,
+max, runs} with engines.NAME.read_gb_s (the read before each run), bandwidth (the final reads),
+roofline, load averages.
 """
 from __future__ import annotations
 
@@ -132,13 +137,15 @@ def main(argv=None) -> dict:
 
     names = workload_names(args.prompt_tokens, args.new_tokens, depths)
     runs: dict[str, dict[str, list[float]]] = {e: {w: [] for w in names} for e in engines}
+    reads: dict[str, list[float]] = {e: [] for e in engines}      # GB/s right before each run
     first, errors, loads = {}, {}, [_load()]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             for name in engines:
                 if name in errors:
                     continue
-                log(f"rep {rep + 1}/{args.reps}: {name} (own process), load {_load()}")
+                read = kernel_stream.read_bandwidth(args.threads, reps=5)["best"]
+                log(f"rep {rep + 1}/{args.reps}: {name} (own process), load {_load()}, read {read} GB/s")
                 cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), "--prompt-tokens",
                        str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--depths", args.depths,
                        "--checkpoint", str(ckpt), "--workdir", tmp]
@@ -149,6 +156,7 @@ def main(argv=None) -> dict:
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 first[name] = res.pop("first_tokens")
+                reads[name].append(read)
                 for w, r in res.items():
                     runs[name][w].append(r["tokens"] / r["s"])
                 log(f"{name}: " + ", ".join(f"{w} {runs[name][w][-1]:.2f}" for w in names))
@@ -167,8 +175,10 @@ def main(argv=None) -> dict:
             result["engines"][name] = {"error": errors[name]}
             continue
         wl = {w: _stats(v) for w, v in runs[name].items() if v}
+        pct = [100 * tok_s * per_tok / (gb_s * 1e9) for tok_s, gb_s in zip(runs[name][tg], reads[name])]
         result["engines"][name] = {"prefill_tok_s": wl[pp]["median"], "decode_tok_s": wl[tg]["median"],
-                                   "workloads": wl, "first_tokens": first.get(name)}
+                                   "workloads": wl, "roofline_pct": _stats(pct), "read_gb_s": reads[name],
+                                   "first_tokens": first.get(name)}
     if args.json:
         print(json.dumps(result))
     else:
@@ -179,7 +189,7 @@ def main(argv=None) -> dict:
 def table(result: dict) -> str:
     """Markdown table: median (min-max) tok/s per engine and workload, % of the roofline for tg at depth P."""
     names = result["workloads"]
-    lines = [f"| engine | {' | '.join(names)} | {names[1]} % roofline | first tokens |",
+    lines = [f"| engine | {' | '.join(names)} | {names[1]} % roofline (per run) | first tokens |",
              "|---" * (len(names) + 3) + "|"]
     for name, r in result["engines"].items():
         if "error" in r:
@@ -187,12 +197,16 @@ def table(result: dict) -> str:
             continue
         cells = [f"{r['workloads'][w]['median']:.2f} ({r['workloads'][w]['min']:.2f}-{r['workloads'][w]['max']:.2f})"
                  if w in r["workloads"] else "-" for w in names]
-        pct = 100 * r["decode_tok_s"] / result["roofline_tok_s"]
-        lines.append(f"| {name} | {' | '.join(cells)} | {pct:.0f}% | {r['first_tokens']} |")
+        pct = r["roofline_pct"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {pct['median']:.0f}% ({pct['min']:.0f}-{pct['max']:.0f}%) | "
+                     f"{r['first_tokens']} |")
     bw = result["bandwidth"]
-    lines.append(f"\nroofline {result['roofline_tok_s']} tok/s = {bw['best']} GB/s (STREAM-like read, best of "
-                 f"{len(bw['runs'])}; median {bw['median']}, min {bw['min']}) / {result['bytes_per_token'] / 1e9:.3f} "
-                 f"GB per token (KV {result['kv_dtype']}); load average {result['load_avg']}")
+    before = [g for r in result["engines"].values() for g in r.get("read_gb_s", [])]
+    lines.append(f"\n% roofline per run: tok/s x {result['bytes_per_token'] / 1e9:.3f} GB per token (KV "
+                 f"{result['kv_dtype']}) / the STREAM-like read right before that run (best of 5; "
+                 f"{min(before, default=0)}-{max(before, default=0)} GB/s over the runs). At the end: best "
+                 f"{bw['best']} GB/s of {len(bw['runs'])} (median {bw['median']}, min {bw['min']}) = "
+                 f"{result['roofline_tok_s']} tok/s. Load average {result['load_avg']}")
     return "\n".join(lines)
 
 

@@ -106,7 +106,7 @@ def test_fused_matches_numpy_host(tmp_path, mcpu):
     for i, (kind, bits, n_out, n_in) in enumerate(cases):
         vm = build_host(linear_ir(n_out, n_in, kind), target, tmp_path / f"lin{i}.so")
         qw, sc = weights(n_out, n_in, seed=i, bits=bits)
-        for n in (1, 5, 39):   # decode GEMV; prefill GEMM: 4-token tiles + tail, 32-token blocks + tail
+        for n in (1, 5, 39, 77):   # decode GEMV; prefill GEMMs: their token tiles (16, 8, 4, 1) and blocks + tails
             x = np.random.default_rng(10 + n).standard_normal((1, n, n_in)).astype(np.float32)
             y = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(qw), tvm.runtime.tensor(sc)).numpy()
             assert y.shape == (1, n, n_out)
@@ -248,26 +248,48 @@ def test_fused_matches_numpy_aarch64_qemu(tmp_path, mattr):
 ATTN_ATOL = {"float32": 1e-4, "float16": 2e-2}
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
-def test_attention_kernels_match_tvm_kernels(tmp_path, kv_dtype):
-    """kernels.replace_attention (decode, ragged and paged prefill) vs TVM's own CPU kernels, on the fp32 tiny
-    model (no quantized linears, so attention is the only difference): GQA (8 query / 4 KV heads), a
+# (model, cache dtype, ISA): the trained tiny model (head_dim 32) and a random 2-layer one with head_dim 64
+# (MiniCPM-2B's), on this CPU's kernels (AVX-512: 2 and 4 vectors per head row), AVX2 (4 and 8) and
+# portable C; aarch64's NEON ones run in the qemu export tests.
+ATTN_CASES = [("tiny", "float32", "host"), ("tiny", "float16", "host"), ("hd64", "float16", "host"),
+              pytest.param("tiny", "float16", "x86-64", marks=pytest.mark.slow),
+              pytest.param("hd64", "float16", "haswell", marks=pytest.mark.slow),
+              pytest.param("tiny", "float16", "haswell", marks=pytest.mark.slow)]
+HD64 = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 ISA variants need an x86_64 host")
+@pytest.mark.parametrize("model,kv_dtype,mcpu", ATTN_CASES)
+def test_attention_kernels_match_tvm_kernels(tmp_path, model, kv_dtype, mcpu):
+    """kernels.replace_attention (decode, ragged and paged prefill) vs TVM's own CPU kernels, on a model with
+    no quantized linears, so attention is the only difference: GQA (2 query heads per KV head), a
     45-token prompt in chunks of 32 (ragged prefill, then paged prefill of the prefix + merge), 80
-    decode steps that cross KV pages (16 slots) and the decode kernel's 64-row chunks; and a 150-token
-    prompt in one chunk (several 16-query x 64-key blocks of the ragged kernel, causal). Identical greedy
-    tokens, logits within ATTN_ATOL."""
+    decode steps that cross KV pages (16 slots, a last page partly filled); and a 150-token prompt in one
+    chunk (several 16-query x 64-key blocks of the ragged kernel, causal). Identical greedy tokens, logits
+    within ATTN_ATOL."""
     from exporter.checkpoint import open_checkpoint
     from exporter.config import MiniCPMConfig
     from targets.tvm import pipeline
     from targets.tvm.params import tvm_params
     from targets.tvm.runner import TVMModel
 
-    ck = open_checkpoint(EMBEDDED_DIR / "tinycpm-docs")
+    if model == "tiny":
+        ck = open_checkpoint(EMBEDDED_DIR / "tinycpm-docs")
+    else:
+        from bench.make_2b_checkpoint import CONFIG_2B, make_checkpoint
+        ck = open_checkpoint(make_checkpoint(tmp_path / "hd64", {**CONFIG_2B, **HD64, "vocab_size": 8192}))
     cfg = MiniCPMConfig.from_hf(ck.raw_config)
-    assert cfg.num_attention_heads != cfg.num_key_value_heads
-    target = kernels.host_target()
+    assert cfg.num_attention_heads == 2 * cfg.num_key_value_heads
+    assert cfg.head_dim == {"tiny": 32, "hd64": 64}[model]
+    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
     mod, specs = pipeline.export_ir(cfg, None, target, context_window=160, prefill_chunk=150, kv_dtype=kv_dtype)
-    arrays = [a for _, a in tvm_params(specs, ck.text_tensors(cfg))]
+    state = ck.text_tensors(cfg)
+    if model == "hd64":     # random weights attend almost uniformly: sharpen the scores (online-softmax rescales)
+        state = {k: v * 10 if k.endswith(("attention.wq.weight", "attention.wk.weight")) else v for k, v in state.items()}
+        assert sum(k.endswith("attention.wq.weight") for k in state) == cfg.num_hidden_layers
+    arrays = [a for _, a in tvm_params(specs, state)]
     runs, whole = [], []
     for use_kernels in (True, False):
         ex = pipeline.compile_ir(mod, target, use_kernels=use_kernels)

@@ -23,7 +23,8 @@
  *
  * Files (one translation unit): common.h (ABI, symbols, helpers), this file (activation quantisation,
  * the x86 / portable GEMV, the exported q4 entry points), q4_neon.c (aarch64 GEMV and GEMM), q4_gemm.c
- * (x86 prefill GEMM), q8_matmul.c (int8 weights), vq8_gemm.c (vision int8 GEMM), attention.c.
+ * (x86 prefill GEMM), q8_matmul.c (int8 weights), vq8_gemm.c (vision int8 GEMM), attention.c and
+ * attn_prefill.c (paged KV cache attention, float vectors from vecf.h).
  */
 #include "common.h"
 
@@ -187,6 +188,48 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
   return r;
 }
 
+#if BLK == 4
+/* Two adjacent weight rows against one token (decode): the activation loads are shared. */
+#define HAVE_ROWS2_AVX512 1
+static inline void rows2_dot_avx512(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G,
+                                    const int8_t* xq, const int32_t* nb, const float* xd, float* out) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+#ifndef __AVX512VNNI__
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    const __m512i xl = _mm512_loadu_si512((const void*)(xq + g * 32));
+    const __m512i xh = _mm512_loadu_si512((const void*)(xq + g * 32 + 64));
+    const __m512i n = _mm512_loadu_si512((const void*)(nb + g * 4));
+    const __m128 dx = _mm_loadu_ps(xd + g);
+    for (int r = 0; r < 2; r++) {
+      const uint8_t* wr = w + r * wstride + g * 16;
+      PREFETCH(wr);
+      if (!(g & 31)) PREFETCH(s + r * G + g);
+      const __m512i wb = _mm512_loadu_si512((const void*)wr);
+      const __m512i lo = _mm512_and_si512(wb, mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask);
+#ifdef __AVX512VNNI__
+      const __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(n, lo, xl), hi, xh);
+#else
+      const __m512i a = _mm512_add_epi32(n, _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, xl),
+                                                                              _mm512_maddubs_epi16(hi, xh)), ones));
+#endif
+      const __m128 sf = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(s + r * G + g))), dx);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(sf)), acc[r]);
+    }
+  }
+  for (int r = 0; r < 2; r++) {
+    out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t gg = g; gg < G; gg++)
+      out[r] += group_dot(w + r * wstride + gg * 16, s[r * G + gg], xq + gg * 32, nb + gg * 4, xd[gg]);
+  }
+}
+#endif
+
 /* Four tokens against one weight row (prefill): the weight block is unpacked once for all four. */
 #if BLK == 4
 #define HAVE_DOT4 1
@@ -253,6 +296,15 @@ KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* 
     return 0;
   }
   int64_t r = r0;
+#ifdef HAVE_ROWS2_AVX512
+  for (; r + 2 <= r1; r += 2)
+    for (int64_t t = 0; t < m; t++) {
+      float v[2];
+      rows2_dot_avx512((const uint8_t*)(qw + r * (k / 8)), k / 2, sc + r * G, G, xq + t * k, nb + t * (k / 8), xd + t * G, v);
+      y[t * n_out + r] = v[0];
+      y[t * n_out + r + 1] = v[1];
+    }
+#endif
 #ifdef HAVE_NEON_Q4
   for (; r + 2 <= r1; r += 2)
     for (int64_t t = 0; t < m; t++) {
@@ -291,4 +343,5 @@ KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
 
 #include "q8_matmul.c"      /* int8 weights (q4f16_e8 head) */
 #include "vq8_gemm.c"       /* int8 weight GEMM (vision encoder) */
-#include "attention.c"      /* decode + prefill attention of the paged KV cache */
+#include "attention.c"      /* decode attention of the paged KV cache */
+#include "attn_prefill.c"   /* its ragged and paged prefill attention */
