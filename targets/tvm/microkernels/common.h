@@ -69,7 +69,7 @@ static inline int32_t task_rows(int32_t chunk, int64_t row_bytes) {
 }
 
 /* IEEE half -> float, portable (used for tails and the portable path). */
-static float h2f(uint16_t h) {
+static inline float h2f(uint16_t h) {
   uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
   if (exp == 0) {
     if (man == 0) {

@@ -190,9 +190,9 @@ static inline float row_dot(const uint8_t* w, const uint16_t* s, const int8_t* x
 
 #if BLK == 4
 /* Two adjacent weight rows against one token (decode): the activation loads are shared. */
-#define HAVE_ROWS2_AVX512 1
-static inline void rows2_dot_avx512(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G,
-                                    const int8_t* xq, const int32_t* nb, const float* xd, float* out) {
+#define HAVE_ROWS2 1
+static inline void rows2_dot(const uint8_t* w, int64_t wstride, const uint16_t* s, int64_t G,
+                             const int8_t* xq, const int32_t* nb, const float* xd, float* out) {
   const __m512i mask = _mm512_set1_epi8(0x0f);
   const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
 #ifndef __AVX512VNNI__
@@ -296,16 +296,7 @@ KEXPORT int32_t KSYM(q4_matmul_rows)(const DLT* qwt, const DLT* sct, const DLT* 
     return 0;
   }
   int64_t r = r0;
-#ifdef HAVE_ROWS2_AVX512
-  for (; r + 2 <= r1; r += 2)
-    for (int64_t t = 0; t < m; t++) {
-      float v[2];
-      rows2_dot_avx512((const uint8_t*)(qw + r * (k / 8)), k / 2, sc + r * G, G, xq + t * k, nb + t * (k / 8), xd + t * G, v);
-      y[t * n_out + r] = v[0];
-      y[t * n_out + r + 1] = v[1];
-    }
-#endif
-#ifdef HAVE_NEON_Q4
+#ifdef HAVE_ROWS2                 /* AVX-512 (above) or NEON (q4_neon.c): two rows share the activation loads */
   for (; r + 2 <= r1; r += 2)
     for (int64_t t = 0; t < m; t++) {
       float v[2];

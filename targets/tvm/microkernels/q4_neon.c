@@ -18,6 +18,7 @@
  * (any vector pipe) converts it, where scvtf takes 2 uops on the Neoverse V2 / Cortex-X3 class. */
 #if defined(__ARM_NEON) && defined(__aarch64__)
 #define HAVE_NEON_Q4 1
+#define HAVE_ROWS2 1
 #define NB_BIAS_F 12582912.f   /* NB_BIAS (q4_matmul.c) read as a float */
 
 /* The float value of int32 sums that started at NB_BIAS. */
