@@ -10,8 +10,11 @@ Measured (tiny MiniCPM-V bundles, tests/support/tiny_minicpmv.py):
   features within 1e-6 relative with fp32 vision weights (bound 1e-4); with q8 weights (the default,
   targets/tvm/vision_q8.py) 4e-3..7e-3 (bound targets/tvm/vision.PARITY_RTOL_Q8): ulp-level differences of
   the fp32 ops between aarch64 and x86_64 flip some int8 activation roundings. Text: the host generates from
-  the runner's own features (q8) or its own (fp32): greedy tokens equal, logits within 0.08-0.15 absolute
-  (the int4 kernels' activation rounding, as in test_runner.py). Bound: verification.logit_atol (0.5).
+  the runner's own features (q8) or its own (fp32): logits within 0.08-0.16 absolute (the int4 kernels'
+  activation rounding, as in test_runner.py), bound verification.logit_atol (0.5); greedy tokens equal
+  except at a near-tie, where the reference's best logit beats the runner's token by at most twice that
+  bound (measured: step 7 of the multi-slice reply, top two 0.061 apart); from there the reference
+  follows the runner's tokens.
 Timings under qemu are emulated, not a phone's.
 """
 from __future__ import annotations
@@ -206,6 +209,27 @@ def host_generate(bundle: Path, image: Image.Image, text_ids: list[int], n: int,
     return {"plan": plan.to_dict(), "ids": ids, "feats": feats, **gen}
 
 
+def reference_along(tokens: list[int], first: dict, margin: float, generate) -> list:
+    """The reference's logits along ``tokens`` (the runner's greedy reply), starting from ``first`` (its own
+    greedy generation): each runner token must be the reference's argmax, except at a near-tie where the
+    reference's best logit beats the runner's token by at most ``margin``; from such a step on the
+    reference continues from the runner's tokens (``generate(forced_tokens, n)`` -> {"tokens", "logits"})."""
+    logits, done, ref = [], 0, first
+    while done < len(tokens):
+        rest = tokens[done:]
+        k = next((i for i, (a, b) in enumerate(zip(rest, ref["tokens"])) if a != b), len(rest))
+        assert k < len(rest) or len(ref["tokens"]) >= len(rest), (done, rest, ref["tokens"])
+        logits += list(ref["logits"][:min(k + 1, len(rest))])
+        if k < len(rest):
+            row = np.asarray(ref["logits"][k]).ravel()
+            gap = float(row.max() - row[rest[k]])
+            assert gap <= margin, f"step {done + k}: runner {rest[k]} vs reference {ref['tokens'][k]}, gap {gap:.3f}"
+        done += k + 1
+        if done < len(tokens):
+            ref = generate(tokens[:done], len(tokens) - done)
+    return logits
+
+
 def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_path: Path, prompt: str, n: int = 8):
     from click.testing import CliRunner
 
@@ -229,6 +253,9 @@ def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_pat
     feats = np.fromfile(tmp_path / "f.bin", dtype="<f4").reshape(-1, vconf["config"]["hidden"])
     # q8: generate from the runner's features, so the text path is compared exactly and the features apart
     ref = host_generate(bundle, img, text, n, feats if q8 else None, prefix)
+    atol = json.loads((bundle / "manifest.json").read_text())["verification"]["logit_atol"]
+    ref_logits = reference_along(out["tokens"], ref, 2 * atol,
+                                 lambda forced, k: host_generate(bundle, img, text + forced, k, feats if q8 else None, prefix))
     cli = CliRunner().invoke(main, ["run", str(bundle), "--image", str(png), "--prompt", prompt,
                                     "--max-new-tokens", str(n), "--json"])
     assert cli.exit_code == 0, cli.output
@@ -241,15 +268,13 @@ def check_against_host(runner_dir: Path, bundle: Path, img: Image.Image, tmp_pat
     if not q8:   # q8: the host CLI encodes its own features (not bit-equal to the runner's)
         assert out["tokens"][:len(host["tokens"])] == host["tokens"] == ref["tokens"][:len(host["tokens"])]
         assert out["text"] == host["text"]
-    assert out["tokens"] == ref["tokens"]
     assert out["plan"] == host["plan"] == ref["plan"]
     assert out["prompt_tokens"] == out["prompt_len"] == host["prompt_tokens"] == len(ref["ids"])
     assert out["image"] == {"width": img.width, "height": img.height}
     bound = PARITY_RTOL_Q8 if q8 else 1e-4
     assert np.abs(feats - ref["feats"]).max() / np.abs(ref["feats"]).max() <= bound
-    atol = json.loads((bundle / "manifest.json").read_text())["verification"]["logit_atol"]
     logits = np.fromfile(tmp_path / "l.bin", dtype="<f4").reshape(n, -1)
-    err = max(float(np.abs(a - b).max()) for a, b in zip(logits, ref["logits"]))
+    err = max(float(np.abs(a - np.asarray(b).ravel()).max()) for a, b in zip(logits, ref_logits, strict=True))
     assert err <= atol, f"runner vs host logits differ by {err:.3f} (bound {atol})"
     n_img = ref["plan"]["num_images"]
     assert len(out["vision_encode_ms"]) == n_img and all(t > 0 for t in out["vision_encode_ms"])
