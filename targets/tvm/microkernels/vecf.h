@@ -1,6 +1,15 @@
 /* Float vectors for the attention kernels (attention.c, attn_prefill.c), one set per ISA path of common.h:
  * vf holds VW floats; VLOAD_H converts VW fp16 values (F16C / AVX-512 / aarch64 fcvtl); VSUM4 reduces four
  * vectors to [sum a, sum b, sum c, sum d].  No VW (portable C build): the kernels' scalar paths. */
+#if BLK == 4 || BLK == 2
+/* x86: [sum a, sum b, sum c, sum d] of four 8-float vectors */
+static inline __m128 sum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+#define STORE4(p, x) _mm_storeu_ps(p, x)
+#endif
+
 #if BLK == 4
 typedef __m512 vf;
 #define VW 16
@@ -14,13 +23,7 @@ typedef __m512 vf;
 static inline __m256 half_sum(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
-static inline __m128 sum4_256(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-}
-/* [sum a, sum b, sum c, sum d] */
 #define VSUM4(a, b, c, d) sum4_256(half_sum(a), half_sum(b), half_sum(c), half_sum(d))
-#define STORE4(p, x) _mm_storeu_ps(p, x)
 #elif BLK == 2
 typedef __m256 vf;
 #define VW 8
@@ -35,11 +38,7 @@ static inline float VSUM(__m256 v) {
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
-static inline __m128 VSUM4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-}
-#define STORE4(p, x) _mm_storeu_ps(p, x)
+#define VSUM4(a, b, c, d) sum4_256(a, b, c, d)
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 typedef float32x4_t vf;
 #define VW 4
