@@ -4,7 +4,10 @@
  * threads sharing rows through the kernels' atomic counter (as in the compiled model).  Also a plain
  * AVX-512/AVX2/scalar streaming read of as many bytes, for the ceiling.  Prints one JSON line.
  * `kernel_stream THREADS REPS read MiB`: only the STREAM-like read of MiB, GB/s of every repetition
- * (bench/decode_host.py's roofline). */
+ * (bench/decode_host.py's roofline).
+ * `kernel_stream THREADS REPS attn DEPTH`: only the decode attention of one token at DEPTH keys over the
+ * 40 layers' fp16 paged KV caches (36 heads x 64, pages of 16), the 64 parallel slots of the compiled
+ * model split over the threads. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -14,6 +17,8 @@
 
 #include "../targets/tvm/microkernels/common.h"   /* DLT (the kernels' DLTensor view) */
 int32_t mcpm_k_q4_quant_act(const DLT*, DLT*, DLT*, DLT*);
+int32_t mcpm_k_attn_decode(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, DLT*, int32_t,
+                           int32_t, int32_t, float);
 int32_t mcpm_k_q4_matmul_dyn(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, DLT*, int32_t);
 
 typedef struct { int64_t n, k, sq[2], ss[2]; uint8_t* qw; uint16_t* sc; } Mat;
@@ -107,10 +112,64 @@ static uint8_t* filled(size_t n) {
   return buf;
 }
 
+/* ---- decode attention: one layer's tensors (KV pages, page table, q / output / lse) */
+enum { AL = 40, AH = 36, AD = 64, APAGE = 16, ASLOTS = 64 };
+typedef struct { DLT q, pages, indptr, values, len, out, lse; int64_t qs[3], ps[5], is[1], vs[1], ls[1], os[3], lss[2]; } AttnLayer;
+static AttnLayer* alayers;
+
+static void* attn_worker(void* arg) {    /* thread j: slots [j*64/T, (j+1)*64/T) of every layer */
+  const int j = (int)(intptr_t)arg;
+  for (int l = 0; l < AL; l++) {
+    AttnLayer* y = &alayers[l];
+    for (int t = j * ASLOTS / nthreads; t < (j + 1) * ASLOTS / nthreads; t++)
+      mcpm_k_attn_decode(&y->q, &y->pages, &y->indptr, &y->values, &y->len, &y->out, &y->lse, t, ASLOTS, 0, 0.125f);
+    if (nthreads > 1) pthread_barrier_wait(&bar);
+  }
+  return NULL;
+}
+
+static int attn_main(int64_t depth, int reps) {
+  const int64_t np = (depth + APAGE - 1) / APAGE;
+  alayers = calloc(AL, sizeof(AttnLayer));
+  for (int l = 0; l < AL; l++) {
+    AttnLayer* y = &alayers[l];
+    const int64_t n = np * 2 * AH * APAGE * AD;
+    uint16_t* pg = aligned_alloc(64, n * 2);
+    for (int64_t i = 0; i < n; i++) pg[i] = 0x3c00 ^ (uint16_t)((i * 2654435761u) >> 22 & 0x3ff);   /* ~[1, 2) */
+    uint16_t* q = malloc(AH * AD * 2);
+    for (int i = 0; i < AH * AD; i++) q[i] = 0x3000 + (i % 97);
+    int32_t *ip = malloc(8), *vals = malloc(np * 4), *len = malloc(4);
+    ip[0] = 0, ip[1] = (int32_t)np, len[0] = (int32_t)(depth - (np - 1) * APAGE);
+    for (int64_t i = 0; i < np; i++) vals[i] = (int32_t)i;
+    y->qs[0] = 1, y->qs[1] = AH, y->qs[2] = AD;
+    y->ps[0] = np, y->ps[1] = 2, y->ps[2] = AH, y->ps[3] = APAGE, y->ps[4] = AD;
+    y->is[0] = 2, y->vs[0] = np, y->ls[0] = 1, y->os[0] = 1, y->os[1] = AH, y->os[2] = AD, y->lss[0] = 1, y->lss[1] = AH;
+    y->q = t1(q, y->qs, 3), y->pages = t1(pg, y->ps, 5), y->indptr = t1(ip, y->is, 1);
+    y->values = t1(vals, y->vs, 1), y->len = t1(len, y->ls, 1);
+    y->out = t1(malloc(AH * AD * 2), y->os, 3), y->lse = t1(malloc(AH * 4), y->lss, 2);
+    y->q.bits = y->pages.bits = y->out.bits = 16, y->lse.bits = y->indptr.bits = y->values.bits = y->len.bits = 32;
+  }
+  pthread_barrier_init(&bar, NULL, nthreads);
+  double best = 1e9;
+  for (int r = 0; r <= reps; r++) {        /* the first one pages the caches in */
+    pthread_t th[64];
+    const double t0 = now();
+    for (int t = 0; t < nthreads; t++) pthread_create(&th[t], NULL, attn_worker, (void*)(intptr_t)t);
+    for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
+    const double s = now() - t0;
+    if (r > 0 && s < best) best = s;
+  }
+  const double bytes = (double)AL * 2 * AH * depth * AD * 2;
+  printf("{\"threads\": %d, \"depth\": %lld, \"attn_s\": %.5f, \"attn_gb_s\": %.2f}\n", nthreads, (long long)depth,
+         best, bytes / best / 1e9);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   nthreads = argc > 1 ? atoi(argv[1]) : 2;
   const int reps = argc > 2 ? atoi(argv[2]) : 5;
   double gbs[256];
+  if (argc > 4 && !strcmp(argv[3], "attn")) return attn_main(atoll(argv[4]), reps);
   if (argc > 4 && !strcmp(argv[3], "read")) {      /* STREAM-like read only: `read MiB` */
     const size_t n = (size_t)atoll(argv[4]) << 20;
     read_runs(filled(n), n, reps < 256 ? reps : 256, gbs);

@@ -12,6 +12,9 @@ Relax dataflow pattern, into two opaque ``call_tir``s that never materialise ``w
     (xq, nb, xd) = call_tir(mcpm_q4_quant, (x2,))       # activations -> int8 per group of 32
     (y2, _)      = call_tir(mcpm_q4_rows, (q_weight, q_scale, xq, nb, xd))  # + a scratch row counter
 
+When x is the MLP's ``silu(gate) * up`` of a split ``h`` (w2's input), the quantiser is
+``mcpm_q4_quant_swiglu(h)``, which computes it as it reads h (the silu and multiply disappear).
+
 The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern`` (their
 names carry ``kernel_prefix(target)``, a hash of source and flags); the
 threads of a ``T.parallel`` loop (TVM's thread pool, TVM_NUM_THREADS) take weight rows in chunks from
@@ -31,7 +34,6 @@ import functools
 import hashlib
 import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -45,6 +47,8 @@ from tvm.script import tirx as T
 from exporter.cache import cache_dir
 from exporter.errors import ExportError
 from exporter.quant import GROUP, Q4_PER_WORD
+
+from . import kv_kernels
 
 SOURCE = Path(__file__).parent / "microkernels" / "q4_matmul.c"     # includes the other microkernels/*.c
 ROWS_PER_TASK = 16           # min weight rows per task (q4_matmul.c raises it to TASK_BYTES of weights)
@@ -181,9 +185,10 @@ def isa_of(target: tvm.target.Target) -> str:
 # Parameters are plain handles (TVM passes a DLTensor* for each); the C side reads data and shapes.
 # Buffer pointers (``A.data``) in a call would make TVM 0.27's AttachGlobalSymbol fail on system-lib
 # builds (those with a ``system_lib_prefix``).
-def quant_act_func(kind: str, prefix: str) -> tirx.PrimFunc:
-    """x float32 [m, k] -> the int8 activation buffers of <prefix>{kind}_quant_act (any m, k)."""
-    sym = f"{prefix}{kind}_quant_act"
+def quant_act_func(kind: str, prefix: str, swiglu: bool = False) -> tirx.PrimFunc:
+    """x float32 [m, k] -> the int8 activation buffers of <prefix>{kind}_quant_act (any m, k); with
+    ``swiglu`` (q4 only) x is h [m, 2k] and the activations are those of silu(h[:, :k]) * h[:, k:]."""
+    sym = f"{prefix}{kind}_quant_{'swiglu' if swiglu else 'act'}"
     if kind == "q4":
         @T.prim_func(private=True)
         def q4_quant(x: T.handle, xq: T.handle, nb: T.handle, xd: T.handle):
@@ -228,89 +233,9 @@ def matmul_rows_func(kind: str, prefix: str) -> tirx.PrimFunc:
     return q8_rows
 
 
-def decode_attention_func(prefix: str) -> tirx.PrimFunc:
-    """Drop-in for TVM's CPU decode attention of the paged KV cache (same parameters): PARALLEL_SLOTS
-    parallel calls of <prefix>attn_decode, slot t of n taking query heads [t*H/n, (t+1)*H/n)."""
-    sym, slots = f"{prefix}attn_decode", PARALLEL_SLOTS
-
-    @T.prim_func(private=True)
-    def attn_decode(q: T.handle, pages: T.handle, indptr: T.handle, values: T.handle, length_info: T.handle,
-                    k_rope_pos_offset: T.handle, q_rope_position: T.handle, output: T.handle, lse: T.handle,
-                    rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", sym, q, pages, indptr, values, length_info, output, lse, t, slots,
-                                     rotary_mode, sm_scale))
-
-    return attn_decode
-
-
-def prefill_attention_func(prefix: str) -> tirx.PrimFunc:
-    """Drop-in for TVM's CPU ragged prefill attention (a chunk's self-attention; same parameters):
-    PARALLEL_SLOTS parallel calls of <prefix>attn_prefill, slot t of n taking every n-th (head x 16
-    query rows) task."""
-    sym, slots = f"{prefix}attn_prefill", PARALLEL_SLOTS
-
-    @T.prim_func(private=True)
-    def attn_prefill(q: T.handle, q_indptr: T.handle, k: T.handle, v: T.handle, kv_indptr: T.handle,
-                     q_rope_position: T.handle, k_rope_pos_offset: T.handle, output: T.handle, lse: T.handle,
-                     causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
-                     sm_scale: T.float32):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", sym, q, q_indptr, k, v, kv_indptr, output, lse, t, slots, causal,
-                                     rotary_mode, sm_scale))
-
-    return attn_prefill
-
-
-def prefill_paged_attention_func(prefix: str) -> tirx.PrimFunc:
-    """Drop-in for TVM's CPU paged prefill attention (a chunk's queries against the cached prefix; same
-    parameters): PARALLEL_SLOTS parallel calls of <prefix>attn_prefill_paged, tasks as the ragged one."""
-    sym, slots = f"{prefix}attn_prefill_paged", PARALLEL_SLOTS
-
-    @T.prim_func(private=True)
-    def attn_prefill_paged(q: T.handle, q_indptr: T.handle, pages: T.handle, page_indptr: T.handle,
-                           page_values: T.handle, length_info: T.handle, k_rope_pos_offset: T.handle,
-                           q_rope_position: T.handle, output: T.handle, lse: T.handle, causal: T.int32,
-                           rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", sym, q, q_indptr, pages, page_indptr, page_values, length_info, output,
-                                     lse, t, slots, causal, rotary_mode, sm_scale))
-
-    return attn_prefill_paged
-
-
-# TVM 0.27 TIRPagedKVCache CPU kernels (no sliding window) -> (parameter count, wrapper maker). The
-# query buffer's dtype is the cache's: float32 or float16; head_dim at most the C kernels' ATT_MAXD.
-ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, decode_attention_func),
-                     "batch_prefill_ragged_kv": (14, prefill_attention_func),
-                     "batch_prefill_paged_kv_cpu": (15, prefill_paged_attention_func)}
-ATT_MAXD = 128
-
-
-def _attention_ok(func: tirx.PrimFunc) -> bool:
-    """The query buffer is float32/float16 with head_dim <= ATT_MAXD (what the C kernels handle)."""
-    buf = func.params[0]                       # tirx 0.27: buffer parameters are Buffers
-    return isinstance(buf, tirx.Buffer) and str(buf.dtype) in ("float32", "float16") and len(buf.shape) == 3 \
-        and isinstance(buf.shape[-1], tirx.IntImm) and int(buf.shape[-1]) <= ATT_MAXD
-
-
 def replace_attention(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
-    """Swap TVM's serial, scalar CPU decode, ragged-prefill and paged-prefill attention for the microkernel versions;
-    returns (module, kernels replaced)."""
-    count = 0
-    for gv, func in list(mod.functions.items()):
-        spec = ATTENTION_KERNELS.get(gv.name_hint)
-        if spec is None or not isinstance(func, tirx.PrimFunc) or len(func.params) != spec[0] \
-                or not _attention_ok(func):
-            continue
-        new = spec[1](kernel_prefix(target))
-        mod = mod.clone() if count == 0 else mod      # same GlobalVar: the KV cache creation refers to it
-        mod.update_func(gv, new.with_attr("global_symbol", func.attrs["global_symbol"]))
-        count += 1
-    return mod, count
+    """kv_kernels.replace_attention with ``target``'s kernel prefix: the KV cache's attention and RoPE."""
+    return kv_kernels.replace_attention(mod, kernel_prefix(target), PARALLEL_SLOTS)
 
 
 # ---------------------------------------------------------------- the Relax rewrite
@@ -344,10 +269,34 @@ class _Rewriter:
         self.prefix = prefix
         self.kernels: dict[str, relax.GlobalVar] = {}
         self.count = 0
+        self.var2val: dict = {}
         self.x, self.qw, self.sc, self.fn = wildcard(), wildcard(), wildcard(), wildcard()
         self.deq = is_op("relax.call_tir")(self.fn, is_tuple([self.qw, self.sc]), add_constraint=False)
         self.perm = is_op("relax.permute_dims")(self.deq)
         self.pattern = is_op("relax.matmul")(self.x, self.perm)
+
+    def swiglu_input(self, x: relax.Expr, k: int) -> relax.Expr | None:
+        """h when x is model.py's MLP activation silu(split(h)[0]) * split(h)[1] with h [..., 2k]."""
+        val = lambda e: self.var2val.get(e, e) if isinstance(e, relax.Var) else e  # noqa: E731
+        mul = val(x)
+        if not (isinstance(mul, relax.Call) and getattr(mul.op, "name", "") == "relax.multiply"):
+            return None
+        silu, up = val(mul.args[0]), val(mul.args[1])
+        if not (isinstance(silu, relax.Call) and getattr(silu.op, "name", "") == "relax.nn.silu"):
+            return None
+        gate = val(silu.args[0])
+        if not (isinstance(gate, relax.TupleGetItem) and isinstance(up, relax.TupleGetItem)
+                and gate.index == 0 and up.index == 1 and gate.tuple_value.same_as(up.tuple_value)):
+            return None
+        split = val(gate.tuple_value)
+        if not (isinstance(split, relax.Call) and getattr(split.op, "name", "") == "relax.split"):
+            return None
+        h = split.args[0]
+        dims = getattr(getattr(h.ty, "shape", None), "values", None)
+        if not dims or str(h.ty.dtype) != "float32" or not isinstance(dims[-1], tirx.IntImm) or int(dims[-1]) != 2 * k:
+            return None
+        halves = int(split.attrs.indices_or_sections) == 2 and int(split.attrs.axis) in (-1, len(dims) - 1)
+        return h if halves else None
 
     def _func(self, name: str, make) -> relax.GlobalVar:
         if name not in self.kernels:
@@ -374,12 +323,14 @@ class _Rewriter:
         rows = tirx.IntImm("int64", 1)
         for d in dims[:-1]:
             rows = rows * d
-        x2 = relax.op.reshape(x, relax.ShapeExpr([rows, k]))
+        h = self.swiglu_input(x, k) if kind == "q4" else None
+        x2 = relax.op.reshape(x if h is None else h, relax.ShapeExpr([rows, k if h is None else 2 * k]))
         i8, i32, f32 = "int8", "int32", "float32"
         acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // GROUP)], f32)]
         if kind == "q4":
             acts.insert(1, relax.TensorType([rows * (k // 8)], i32))
-        quant = relax.op.call_tir(self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind, self.prefix)),
+        name = f"mcpm_{kind}_quant" + ("" if h is None else "_swiglu")
+        quant = relax.op.call_tir(self._func(name, lambda: quant_act_func(kind, self.prefix, h is not None)),
                                   relax.Tuple([x2]), acts)
         ins = [qw, sc] + [relax.TupleGetItem(quant, i) for i in range(len(acts))]
         rows_fn = self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind, self.prefix))
@@ -396,6 +347,7 @@ def fuse_q4_matmul(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IR
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
+            rw.var2val = relax.analysis.get_var2val(func)
             new = rewrite_call(rw.pattern, rw, func)
             if not new.same_as(func):
                 updates[gv] = new
@@ -420,7 +372,7 @@ def attach_microkernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRM
 
 def optimize_for_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Fuse every q4f16 (and int8) dequantize+matmul of ``mod`` into the CPU kernels for ``target``, and
-    replace the KV cache's decode and prefill (ragged and paged) attention by the microkernel ones.
+    replace the KV cache's decode and prefill (ragged and paged) attention and its RoPE by the microkernel ones.
 
     Call on the Relax module before ``tvm.compile``; export the result with ``export_library`` (the
     kernels are an external object, so the in-memory executable alone cannot run them).

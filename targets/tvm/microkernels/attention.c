@@ -10,12 +10,9 @@
 
 #define ATT_MAXD 128      /* head_dim limit (kernels.py only swaps kernels with head_dim <= this) */
 #define ATT_CHUNK 64      /* decode: keys per online-softmax step (at most, within one page) */
-#define ATT_PF_PAGES 8    /* decode: pages prefetched ahead */
+#define ATT_PF_PAGES 4    /* decode: pages prefetched ahead */
 #define PF_Q 16           /* prefill: query rows per block */
 #define PF_K 64           /* prefill: key rows per block */
-#define LOG2E 1.4426950408889634f
-
-#include "vecf.h"
 
 /* float -> IEEE half, round to nearest even (what TVM's cast does). */
 static inline uint16_t f2h(float f) {
@@ -73,23 +70,6 @@ static inline void att_store(DLT* t, int64_t off, const float* v, int64_t n, flo
   }
 }
 
-/* 2^x for x <= 0 (a score minus the running max): degree-6 polynomial on the fraction, relative error
- * ~2e-7; flushes below 2^-126.  Plain arithmetic, so the compiler vectorises the loops calling it. */
-static inline float exp2_neg(float x) {
-  x = x < -126.f ? -126.f : x;
-  const float n = __builtin_floorf(x), f = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  union { uint32_t u; float f; } s;
-  s.u = (uint32_t)((int32_t)n + 127) << 23;
-  return p * s.f;
-}
-
 static inline float dot_f32(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -106,29 +86,40 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
  * Decode at depth streams the cache: a head's K (and V) rows of one page are contiguous (page x D
  * values), the next page is a page of every head away, out of the hardware prefetcher's reach, so the
  * rows ATT_PF_PAGES pages ahead are prefetched.  A span (<= ATT_CHUNK rows of one page) is scored and
- * accumulated with q and o in vector registers, rows converted from fp16 as they are loaded. */
+ * accumulated with q and o in vector registers, rows converted from fp16 as they are loaded; its
+ * softmax runs on vectors of scores.  The vector path prefetches row by row as it consumes rows (K
+ * rows in the score loop, V rows in the PV loop), so the misses overlap the arithmetic: prefetching a
+ * page's rows in one burst before the span left a core at 12.5 GB/s where a plain walk of the same
+ * addresses reads 21 (it now reads ~18; 2 threads ~22 -> ~27 GB/s, /work/scratch-free driver numbers
+ * in bench/RESULTS.md). */
+static inline void prefetch_lines(const char* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_LOCALITY);
+}
+
 static inline void att_prefetch(const char* k, int64_t bytes, int64_t vstep) {   /* K rows and the V rows */
-  for (int64_t b = 0; b < bytes; b += 64) {
-    __builtin_prefetch(k + b, 0, PF_LOCALITY);
-    __builtin_prefetch(k + vstep + b, 0, PF_LOCALITY);
-  }
+  prefetch_lines(k, bytes);
+  prefetch_lines(k + vstep, bytes);
 }
 
 typedef struct { float m, den; } Softmax;   /* running max (log2 units) and denominator */
 
 #ifdef VW
 /* One span of `rows` keys k (row stride NV * VW values, fp16 if half) into o / sm: NV = D / VW is a
- * compile-time constant at each call, so q and o stay in registers. */
+ * compile-time constant at each call, so q and o stay in registers.  kpf: the K rows ATT_PF_PAGES pages
+ * ahead (their V rows vstep bytes on), prefetched as the span's rows are used, or 0. */
 static inline __attribute__((always_inline)) void attn_span_vec(const float* q, float* o, Softmax* sm,
                                                                 const void* k, const void* v, int64_t rows,
-                                                                int half, float scale, const int NV) {
+                                                                int half, float scale, const char* kpf,
+                                                                int64_t vstep, const int NV) {
   vf qv[NV], ov[NV];
-  float sc[ATT_CHUNK], cm = sm->m;
+  const int64_t rb = NV * VW * (half ? 2 : 4);     /* bytes of a K (or V) row */
+  float sc[ATT_CHUNK] __attribute__((aligned(64))), cm = sm->m;
   for (int j = 0; j < NV; j++) qv[j] = VLOAD_F(q + j * VW), ov[j] = VLOAD_F(o + j * VW);
 #define KROW(i, j) (half ? VLOAD_H((const uint16_t*)k + ((i) * NV + (j)) * VW) : VLOAD_F((const float*)k + ((i) * NV + (j)) * VW))
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {                  /* four keys, their sums reduced together */
     vf a0 = VSET1(0.f), a1 = a0, a2 = a0, a3 = a0;
+    if (kpf) prefetch_lines(kpf + i * rb, 4 * rb);
     for (int j = 0; j < NV; j++) {
       a0 = VFMA(qv[j], KROW(i, j), a0);
       a1 = VFMA(qv[j], KROW(i + 1, j), a1);
@@ -143,19 +134,29 @@ static inline __attribute__((always_inline)) void attn_span_vec(const float* q, 
     sc[i] = VSUM(acc);
   }
 #undef KROW
-  for (i = 0; i < rows; i++) {
-    sc[i] *= scale;
-    cm = sc[i] > cm ? sc[i] : cm;
+  /* softmax of the span in vectors: lanes past `rows` score -1e30 (weight 2^-126, nothing next to the
+   * max's 1 in the denominator) and are not used by the PV loop */
+  const int64_t rv = (rows + VW - 1) / VW * VW;
+  for (i = rows; i < rv; i++) sc[i] = -1e30f;
+  vf mx = VSET1(cm);
+  for (i = 0; i < rv; i += VW) {
+    const vf s = VMUL(VLOAD_F(sc + i), VSET1(scale));
+    VSTORE(sc + i, s);
+    mx = VMAX(mx, s);
   }
+  cm = VHMAX(mx);
   const float rescale = exp2_neg(sm->m - cm);
-  float den = sm->den * rescale;
+  vf dv = VSET1(0.f);
+  for (i = 0; i < rv; i += VW) {
+    const vf p = exp2_neg_v(VSUB(VLOAD_F(sc + i), VSET1(cm)));
+    VSTORE(sc + i, p);
+    dv = VADD(dv, p);
+  }
+  const float den = sm->den * rescale + VSUM(dv);
   for (int j = 0; j < NV; j++) ov[j] = VMUL(ov[j], VSET1(rescale));
   for (i = 0; i < rows; i++) {
-    sc[i] = exp2_neg(sc[i] - cm);
-    den += sc[i];
-  }
-  for (i = 0; i < rows; i++) {
     const vf pv = VSET1(sc[i]);
+    if (kpf) prefetch_lines(kpf + vstep + i * rb, rb);
     for (int j = 0; j < NV; j++)
       ov[j] = VFMA(pv, half ? VLOAD_H((const uint16_t*)v + (i * NV + j) * VW) : VLOAD_F((const float*)v + (i * NV + j) * VW),
                    ov[j]);
@@ -168,13 +169,14 @@ static inline __attribute__((always_inline)) void attn_span_vec(const float* q, 
 
 /* The same for any D (portable). */
 static void attn_span(const float* q, float* o, Softmax* sm, const void* k, const void* v, int64_t rows, int half,
-                      float scale, int64_t D) {
+                      float scale, int64_t D, const char* kpf, int64_t vstep) {
 #ifdef VW
-  if (D == 2 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, 2); return; }
-  if (D == 4 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, 4); return; }
-  if (D == 8 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, 8); return; }
-  if (D == 16 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, 16); return; }
+  if (D == 2 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, kpf, vstep, 2); return; }
+  if (D == 4 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, kpf, vstep, 4); return; }
+  if (D == 8 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, kpf, vstep, 8); return; }
+  if (D == 16 * VW) { attn_span_vec(q, o, sm, k, v, rows, half, scale, kpf, vstep, 16); return; }
 #endif
+  if (kpf) att_prefetch(kpf, rows * D * (half ? 2 : 4), vstep);
   float sc[ATT_CHUNK], row[ATT_MAXD], cm = sm->m;
   for (int64_t i = 0; i < rows; i++) {
     for (int64_t d = 0; d < D; d++) row[d] = half ? h2f_fast(((const uint16_t*)k)[i * D + d]) : ((const float*)k)[i * D + d];
@@ -213,11 +215,11 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
     for (int32_t pi = 0; pi < np; pi++) {
       const int64_t rows = pi + 1 < np ? page : last_len[b];
       const char* kp = HEAD_ROWS(pi);
-      if (pi + ATT_PF_PAGES < np) att_prefetch(HEAD_ROWS(pi + ATT_PF_PAGES), block, vstep);
+      const char* kf = pi + ATT_PF_PAGES < np ? HEAD_ROWS(pi + ATT_PF_PAGES) : 0;
 #undef HEAD_ROWS
       for (int64_t c = 0; c < rows; c += ATT_CHUNK)
         attn_span(q, o, &sm, kp + c * D * esz, kp + vstep + c * D * esz,
-                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, scale, D);
+                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, scale, D, kf ? kf + c * D * esz : 0, vstep);
     }
     const float inv = (sm.den > 0.f ? 1.f / sm.den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
     att_store(ot, (b * Hq + h) * D, o, D, inv);

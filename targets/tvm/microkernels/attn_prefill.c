@@ -1,5 +1,5 @@
 /* Prefill attention kernels of the paged KV cache (TVM 0.27 TIRPagedKVCache, CPU), included by q4_matmul.c
- * after attention.c (its helpers, constants and vecf.h). */
+ * after attention.c (its helpers and constants). */
 
 /* ------------------------------------------------------------------ prefill
  * "batch_prefill_ragged_kv", self-attention of a chunk's new tokens: q [Nq, Hq, D], k and v [Nk, Hkv, D],

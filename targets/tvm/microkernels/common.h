@@ -104,7 +104,34 @@ static inline float h2f_fast(uint16_t h) {
 
 static inline float fabs_(float x) { return x < 0 ? -x : x; }
 
+#define LOG2E 1.4426950408889634f
+
+/* 2^x for x <= 0 (attention: a score minus the running max): degree-6 polynomial on the fraction, relative error
+ * ~2e-7; flushes below 2^-126.  Plain arithmetic, so the compiler vectorises the loops calling it. */
+static inline float exp2_neg(float x) {
+  x = x < -126.f ? -126.f : x;
+  const float n = __builtin_floorf(x), f = x - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  union { uint32_t u; float f; } s;
+  s.u = (uint32_t)((int32_t)n + 127) << 23;
+  return p * s.f;
+}
+
+/* silu(g) = g / (1 + e^-g), with e^-|g| from exp2_neg (no overflow for either sign). */
+static inline float silu(float g) {
+  const float z = exp2_neg(-fabs_(g) * LOG2E);
+  return (g >= 0.f ? g : g * z) / (1.f + z);
+}
+
 static inline int8_t round_q(float v) {
   int r = (int)(v < 0 ? v - 0.5f : v + 0.5f);
   return (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
 }
+
+#include "vecf.h"   /* float vectors per ISA */

@@ -24,7 +24,7 @@
  * Files (one translation unit): common.h (ABI, symbols, helpers), this file (activation quantisation,
  * the x86 / portable GEMV, the exported q4 entry points), q4_neon.c (aarch64 GEMV and GEMM), q4_gemm.c
  * (x86 prefill GEMM), q8_matmul.c (int8 weights), vq8_gemm.c (vision int8 GEMM), attention.c and
- * attn_prefill.c (paged KV cache attention, float vectors from vecf.h).
+ * attn_prefill.c (paged KV cache attention, float vectors from vecf.h), rope.c (its RoPE).
  */
 #include "common.h"
 
@@ -47,14 +47,53 @@ static inline float group_dot(const uint8_t* w, uint16_t s, const int8_t* xq, co
 
 #include "q4_neon.c"        /* aarch64: GEMV, prefill GEMM, quad activation layout */
 
-/* Quantise m tokens of k inputs: xq int8[m*k], nb int32[m*k/8], xd float[m*k/32]. */
-static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32_t* nb, float* xd) {
+#if BLK == 4 || BLK == 2
+/* One group of 32 inputs, as the portable loop of q4_quant_act does it (the same float operations, so the
+ * same bytes): even-indexed elements' int8 to ev[16], odd ones' to od[16], the 4 lanes' nb, the scale. */
+static inline void quant_group_x86(const float* xg, int8_t* ev, int8_t* od, int32_t* nb4, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xg + 8 * i);
+  const __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  *d = amax / 127.f;
+  __m256i q[4];
+  for (int i = 0; i < 4; i++) {             /* round_q: v +- 0.5 truncated, clamped to +-127 */
+    const __m256 s = _mm256_mul_ps(v[i], id);
+    const __m256i r = _mm256_cvttps_epi32(_mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), _mm256_set1_ps(0.5f))));
+    q[i] = _mm256_max_epi32(_mm256_min_epi32(r, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+  }
+  /* lane l of nb covers elements 8l..8l+7 (four even, four odd): the sum of q[l] */
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+  const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  _mm_storeu_si128((__m128i*)nb4, _mm_mullo_epi32(sums, _mm_set1_epi32(-7)));
+  /* bytes in element order, then evens | odds */
+  const __m256i b = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i eo = _mm256_permute4x64_epi64(
+      _mm256_shuffle_epi8(b, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)),
+      0xd8);
+  _mm_storeu_si128((__m128i*)ev, _mm256_castsi256_si128(eo));
+  _mm_storeu_si128((__m128i*)od, _mm256_extracti128_si256(eo, 1));
+}
+#endif
+
+/* Quantise m tokens of k inputs (row stride ld): xq int8[m*k], nb int32[m*k/8], xd float[m*k/32].  With
+ * `up` (row stride ld too) the inputs are silu(x) * up, the SwiGLU of the MLP, computed as they are read. */
+static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m, int64_t k, int8_t* xq,
+                         int32_t* nb, float* xd) {
   const int64_t G = k / 32;
 #ifdef QUAD_ACT
   const int64_t mq = m >= 4 ? m & ~(int64_t)3 : 0;
 #endif
   for (int64_t t = 0; t < m; t++) {
-    const float* xt = x + t * k;
+    const float* xt = x + t * ld;
     int8_t* qt = xq + t * k;
     int32_t* nt = nb + t * (k / 8);
     float* dt = xd + t * G;
@@ -66,13 +105,27 @@ static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32
       float d[BLK];
       for (int64_t j = 0; j < nblk; j++) {
         const float* xg = xt + (g0 + j) * 32;
+        float sw[32];
+        if (up) {
+          const float* ug = up + t * ld + (g0 + j) * 32;
+#ifdef VW
+          for (int e = 0; e < 32; e += VW) VSTORE(sw + e, VMUL(silu_v(VLOAD_F(xg + e)), VLOAD_F(ug + e)));
+#else
+          for (int e = 0; e < 32; e++) sw[e] = silu(xg[e]) * ug[e];
+#endif
+          xg = sw;
+        }
+#if BLK == 4 || BLK == 2
+        quant_group_x86(xg, blk + j * 16, blk + nblk * 16 + j * 16, nbl + j * 4, d + j);
+        continue;
+#endif
         float amax = 0.f;
         for (int e = 0; e < 32; e++) amax = fabs_(xg[e]) > amax ? fabs_(xg[e]) : amax;
         const float id = amax > 0.f ? 127.f / amax : 0.f;
         d[j] = amax / 127.f;
         for (int e = 0; e < 32; e++) blk[(e & 1) * nblk * 16 + j * 16 + (e >> 1)] = round_q(xg[e] * id);
       }
-      for (int64_t lane = 0; lane < nblk * 4; lane++) {
+      for (int64_t lane = 0; BLK == 1 && lane < nblk * 4; lane++) {   /* x86: quant_group_x86 */
         int32_t s = 0;
         for (int b = 0; b < 4; b++) s += blk[lane * 4 + b] + blk[nblk * 16 + lane * 4 + b];
         nbl[lane] = -7 * s + (lane % 4 ? 0 : NB_BIAS);
@@ -103,7 +156,16 @@ static void q4_quant_act(const float* x, int64_t m, int64_t k, int8_t* xq, int32
 
 /* x float32 [m, k] -> xq int8 [m*k], nb int32 [m*k/8], xd float32 [m*k/32] */
 KEXPORT int32_t KSYM(q4_quant_act)(const DLT* x, DLT* xq, DLT* nb, DLT* xd) {
-  q4_quant_act(PTR(const float, x), x->shape[0], x->shape[1], PTR(int8_t, xq), PTR(int32_t, nb), PTR(float, xd));
+  q4_quant_act(PTR(const float, x), 0, x->shape[1], x->shape[0], x->shape[1], PTR(int8_t, xq), PTR(int32_t, nb),
+               PTR(float, xd));
+  return 0;
+}
+
+/* h float32 [m, 2k] = gate;up -> the same buffers for silu(gate) * up [m, k] */
+KEXPORT int32_t KSYM(q4_quant_swiglu)(const DLT* h, DLT* xq, DLT* nb, DLT* xd) {
+  const int64_t k = h->shape[1] / 2;
+  q4_quant_act(PTR(const float, h), PTR(const float, h) + k, 2 * k, h->shape[0], k, PTR(int8_t, xq),
+               PTR(int32_t, nb), PTR(float, xd));
   return 0;
 }
 
@@ -336,3 +398,4 @@ KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
 #include "vq8_gemm.c"       /* int8 weight GEMM (vision encoder) */
 #include "attention.c"      /* decode attention of the paged KV cache */
 #include "attn_prefill.c"   /* its ragged and paged prefill attention */
+#include "rope.c"           /* its RoPE of the fused QKV */
