@@ -89,9 +89,8 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
  * accumulated with q and o in vector registers, rows converted from fp16 as they are loaded; its
  * softmax runs on vectors of scores.  The vector path prefetches row by row as it consumes rows (K
  * rows in the score loop, V rows in the PV loop), so the misses overlap the arithmetic: prefetching a
- * page's rows in one burst before the span left a core at 12.5 GB/s where a plain walk of the same
- * addresses reads 21 (it now reads ~18; 2 threads ~22 -> ~27 GB/s, /work/scratch-free driver numbers
- * in bench/RESULTS.md). */
+ * page's rows in one burst before the span serialised the two (bench/kernel_stream.py, 40 layers at
+ * depth 1024: 1 thread 10.9 -> 14.5 GB/s, 2 threads 17.7 -> 22.9 GB/s, medians of 3, bench/RESULTS.md). */
 static inline void prefetch_lines(const char* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_LOCALITY);
 }
