@@ -47,9 +47,19 @@ static inline float group_dot(const uint8_t* w, uint16_t s, const int8_t* xq, co
 
 #include "q4_neon.c"        /* aarch64: GEMV, prefill GEMM, quad activation layout */
 
-#if BLK == 4 || BLK == 2
-/* One group of 32 inputs, as the portable loop of q4_quant_act does it (the same float operations, so the
- * same bytes): even-indexed elements' int8 to ev[16], odd ones' to od[16], the 4 lanes' nb, the scale. */
+#if BLK == 1
+/* Group j (32 inputs) of a block of nblk groups: its int8 values into the block layout, its scale. */
+static inline void quant_group_c(const float* xg, int8_t* blk, int64_t nblk, int64_t j, float* d) {
+  float amax = 0.f;
+  for (int e = 0; e < 32; e++) amax = fabs_(xg[e]) > amax ? fabs_(xg[e]) : amax;
+  const float id = amax > 0.f ? 127.f / amax : 0.f;
+  *d = amax / 127.f;
+  for (int e = 0; e < 32; e++) blk[(e & 1) * nblk * 16 + j * 16 + (e >> 1)] = round_q(xg[e] * id);
+}
+
+#else
+/* x86 (BLK 4 or 2): the same float operations as quant_group_c (so the same bytes) on one group, plus its 4
+ * lanes of nb: even-indexed elements' int8 to ev[16], odd ones' to od[16], the scale to d. */
 static inline void quant_group_x86(const float* xg, int8_t* ev, int8_t* od, int32_t* nb4, float* d) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
@@ -117,19 +127,17 @@ static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m,
         }
 #if BLK == 4 || BLK == 2
         quant_group_x86(xg, blk + j * 16, blk + nblk * 16 + j * 16, nbl + j * 4, d + j);
-        continue;
+#else
+        quant_group_c(xg, blk, nblk, j, d + j);
 #endif
-        float amax = 0.f;
-        for (int e = 0; e < 32; e++) amax = fabs_(xg[e]) > amax ? fabs_(xg[e]) : amax;
-        const float id = amax > 0.f ? 127.f / amax : 0.f;
-        d[j] = amax / 127.f;
-        for (int e = 0; e < 32; e++) blk[(e & 1) * nblk * 16 + j * 16 + (e >> 1)] = round_q(xg[e] * id);
       }
-      for (int64_t lane = 0; BLK == 1 && lane < nblk * 4; lane++) {   /* x86: quant_group_x86 */
+#if BLK == 1
+      for (int64_t lane = 0; lane < nblk * 4; lane++) {
         int32_t s = 0;
         for (int b = 0; b < 4; b++) s += blk[lane * 4 + b] + blk[nblk * 16 + lane * 4 + b];
         nbl[lane] = -7 * s + (lane % 4 ? 0 : NB_BIAS);
       }
+#endif
 #ifdef QUAD_ACT
       if (t < mq) {                     /* BLK == 1 on aarch64: one group */
         const int64_t q = t >> 2;
