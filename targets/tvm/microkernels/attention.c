@@ -90,7 +90,7 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
  * softmax runs on vectors of scores.  The vector path prefetches row by row as it consumes rows (K
  * rows in the score loop, V rows in the PV loop), so the misses overlap the arithmetic: prefetching a
  * page's rows in one burst before the span serialised the two (bench/kernel_stream.py, 40 layers at
- * depth 1024: 1 thread 10.9 -> 14.5 GB/s, 2 threads 17.7 -> 22.9 GB/s, medians of 3, bench/RESULTS.md). */
+ * depth 1024: 1 thread 10.8 -> 14.5 GB/s, 2 threads 17.7 -> 22.9 GB/s, medians of 3, bench/RESULTS.md). */
 static inline void prefetch_lines(const char* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_LOCALITY);
 }
