@@ -95,8 +95,8 @@ def rope_constants(func: tirx.PrimFunc) -> tuple[float, int] | None:
 
 
 # TVM 0.27 TIRPagedKVCache CPU kernels (no sliding window) -> (parameter count, wrapper maker taking the
-# kernel prefix and the replaced function). The query buffer's dtype is the cache's: float32 or float16;
-# head_dim at most the C kernels' ATT_MAXD.
+# kernel prefix, the slot count and the replaced function; None leaves it alone). The query (or fused QKV)
+# buffer's dtype is the cache's: float32 or float16; head_dim at most the C kernels' ATT_MAXD.
 def _rope(prefix: str, slots: int, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     consts = rope_constants(func)
     return rope_func(prefix, slots, *consts) if consts is not None and consts[1] % 2 == 0 else None

@@ -4,7 +4,7 @@
  * qkv [S, Hq + 2 Hkv, D] -> q [S, Hq, D] and k [S, Hkv, D] with their first `rot` dims rotated in
  * rotate-half pairs (i, i + rot/2), v [S, Hkv, D] copied; float32 or float16 (from the DLTensors).
  * TVM's TIR does the same float32 arithmetic (freq = pos / theta^(2i/rot), then cos and sin) for every
- * element of every head, one powf and one sincosf each: 4608 of each per decoded token for MiniCPM-2B,
+ * element of every head, one powf and one sincosf each: 4608 of each per layer and decoded token for MiniCPM-2B,
  * on one thread.  Here cos and sin are computed once per position and pair. */
 
 KEXPORT int32_t KSYM(rope)(const DLT* qkv, const DLT* pos, DLT* q, DLT* k, DLT* v, int64_t apply, float theta,
