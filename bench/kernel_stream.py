@@ -47,10 +47,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--attention-depth", type=int, default=1024)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    run = lambda *a: json.loads(subprocess.run([str(exe), *a], check=True, capture_output=True,  # noqa: E731
-                                               text=True).stdout)
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
+        run = lambda *a: json.loads(subprocess.run([str(exe), *a], check=True, capture_output=True,  # noqa: E731
+                                                   text=True).stdout)
         rows = [run(t, str(args.reps)) for t in args.threads.split(",")]
         if args.attention_depth:
             for r in rows:

@@ -107,17 +107,15 @@ static inline float fabs_(float x) { return x < 0 ? -x : x; }
 #define LOG2E 1.4426950408889634f
 
 /* 2^x for x <= 0 (attention: a score minus the running max): degree-6 polynomial on the fraction, relative error
- * ~2e-7; flushes below 2^-126.  Plain arithmetic, so the compiler vectorises the loops calling it. */
+ * ~2e-7; flushes below 2^-126.  Plain arithmetic, so the compiler vectorises the loops calling it.  vecf.h's
+ * exp2_neg_v evaluates the same polynomial (EXP2_C, highest power first) on vectors. */
+static const float EXP2_C[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
 static inline float exp2_neg(float x) {
   x = x < -126.f ? -126.f : x;
   const float n = __builtin_floorf(x), f = x - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
+  float p = EXP2_C[0];
+  for (int i = 1; i < 7; i++) p = p * f + EXP2_C[i];
   union { uint32_t u; float f; } s;
   s.u = (uint32_t)((int32_t)n + 127) << 23;
   return p * s.f;

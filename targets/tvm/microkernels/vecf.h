@@ -86,13 +86,8 @@ typedef float32x4_t vf;
 static inline vf exp2_neg_v(vf x) {   /* exp2_neg on every lane */
   x = VMAX(x, VSET1(-126.f));
   const vf n = VFLOOR(x), f = VSUB(x, n);
-  vf p = VSET1(1.535336188319500e-4f);
-  p = VFMA(p, f, VSET1(1.339887440266574e-3f));
-  p = VFMA(p, f, VSET1(9.618437357674640e-3f));
-  p = VFMA(p, f, VSET1(5.550332471162809e-2f));
-  p = VFMA(p, f, VSET1(2.402264791363012e-1f));
-  p = VFMA(p, f, VSET1(6.931472028550421e-1f));
-  p = VFMA(p, f, VSET1(1.f));
+  vf p = VSET1(EXP2_C[0]);
+  for (int i = 1; i < 7; i++) p = VFMA(p, f, VSET1(EXP2_C[i]));
   return VMUL(p, VPOW2I(n));
 }
 
