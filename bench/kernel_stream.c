@@ -7,7 +7,7 @@
  * (bench/decode_host.py's roofline).
  * `kernel_stream THREADS REPS attn DEPTH`: only the decode attention of one token at DEPTH keys over the
  * 40 layers' fp16 paged KV caches (36 heads x 64, pages of 16), the 64 parallel slots of the compiled
- * model split over the threads. */
+ * model split over the threads, then the merge loop (attention.c). */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -17,8 +17,9 @@
 
 #include "../targets/tvm/microkernels/common.h"   /* DLT (the kernels' DLTensor view) */
 int32_t mcpm_k_q4_quant_act(const DLT*, DLT*, DLT*, DLT*);
-int32_t mcpm_k_attn_decode(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, DLT*, int32_t,
-                           int32_t, int32_t, float);
+int32_t mcpm_k_attn_decode(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, float*, float*,
+                           int32_t, int32_t, int32_t, float);
+int32_t mcpm_k_attn_decode_merge(const DLT*, const DLT*, DLT*, float*, const float*, int32_t, int32_t, int32_t);
 int32_t mcpm_k_q4_matmul_dyn(const DLT*, const DLT*, const DLT*, const DLT*, const DLT*, DLT*, DLT*, int32_t);
 
 typedef struct { int64_t n, k, sq[2], ss[2]; uint8_t* qw; uint16_t* sc; } Mat;
@@ -114,15 +115,19 @@ static uint8_t* filled(size_t n) {
 
 /* ---- decode attention: one layer's tensors (KV pages, page table, q / output / lse) */
 enum { AL = 40, AH = 36, AD = 64, APAGE = 16, ASLOTS = 64 };
-typedef struct { DLT q, pages, indptr, values, len, out, lse; int64_t qs[3], ps[5], is[1], vs[1], ls[1], os[3], lss[2]; } AttnLayer;
+typedef struct { DLT q, pages, indptr, values, len, out; float *lse, *ws; int64_t qs[3], ps[5], is[1], vs[1], ls[1], os[3]; } AttnLayer;
 static AttnLayer* alayers;
 
-static void* attn_worker(void* arg) {    /* thread j: slots [j*64/T, (j+1)*64/T) of every layer */
+static void* attn_worker(void* arg) {    /* thread j: slots [j*64/T, (j+1)*64/T) of every layer, both loops */
   const int j = (int)(intptr_t)arg;
   for (int l = 0; l < AL; l++) {
     AttnLayer* y = &alayers[l];
     for (int t = j * ASLOTS / nthreads; t < (j + 1) * ASLOTS / nthreads; t++)
-      mcpm_k_attn_decode(&y->q, &y->pages, &y->indptr, &y->values, &y->len, &y->out, &y->lse, t, ASLOTS, 0, 0.125f);
+      mcpm_k_attn_decode(&y->q, &y->pages, &y->indptr, &y->values, &y->len, &y->out, y->lse, y->ws, t, ASLOTS, 0,
+                         0.125f);
+    if (nthreads > 1) pthread_barrier_wait(&bar);
+    for (int t = j * ASLOTS / nthreads; t < (j + 1) * ASLOTS / nthreads; t++)
+      mcpm_k_attn_decode_merge(&y->q, &y->indptr, &y->out, y->lse, y->ws, t, ASLOTS, 0);
     if (nthreads > 1) pthread_barrier_wait(&bar);
   }
   return NULL;
@@ -143,11 +148,11 @@ static int attn_main(int64_t depth, int reps) {
     for (int64_t i = 0; i < np; i++) vals[i] = (int32_t)i;
     y->qs[0] = 1, y->qs[1] = AH, y->qs[2] = AD;
     y->ps[0] = np, y->ps[1] = 2, y->ps[2] = AH, y->ps[3] = APAGE, y->ps[4] = AD;
-    y->is[0] = 2, y->vs[0] = np, y->ls[0] = 1, y->os[0] = 1, y->os[1] = AH, y->os[2] = AD, y->lss[0] = 1, y->lss[1] = AH;
+    y->is[0] = 2, y->vs[0] = np, y->ls[0] = 1, y->os[0] = 1, y->os[1] = AH, y->os[2] = AD;
     y->q = t1(q, y->qs, 3), y->pages = t1(pg, y->ps, 5), y->indptr = t1(ip, y->is, 1);
     y->values = t1(vals, y->vs, 1), y->len = t1(len, y->ls, 1);
-    y->out = t1(malloc(AH * AD * 2), y->os, 3), y->lse = t1(malloc(AH * 4), y->lss, 2);
-    y->q.bits = y->pages.bits = y->out.bits = 16, y->lse.bits = y->indptr.bits = y->values.bits = y->len.bits = 32;
+    y->out = t1(malloc(AH * AD * 2), y->os, 3), y->lse = malloc(AH * 4), y->ws = malloc(ASLOTS * AH * (AD + 2) * 4);
+    y->q.bits = y->pages.bits = y->out.bits = 16, y->indptr.bits = y->values.bits = y->len.bits = 32;
   }
   pthread_barrier_init(&bar, NULL, nthreads);
   double best = 1e9;

@@ -299,7 +299,7 @@ def test_attention_kernels_match_tvm_kernels(tmp_path, model, kv_dtype, mcpu):
         ex = pipeline.compile_ir(mod, target, use_kernels=use_kernels)
         ex.export_library(str(tmp_path / f"m{use_kernels}.so"))
         model = TVMModel(tmp_path / f"m{use_kernels}.so", arrays, context_window=160, prefill_chunk=32)
-        runs.append(model.generate(list(range(5, 50)), 80))
+        runs.append(model.generate(list(range(5, 50)), 110))
         model.prefill_chunk = 150
         ids = [int(t) for t in np.arange(150) * 37 % 4000 + 5]
         whole.append(model.forward_chunks(model.new_cache(), model.embed(ids)))

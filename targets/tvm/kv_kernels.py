@@ -14,19 +14,27 @@ from tvm.script import tirx as T
 
 
 # Parameters are plain handles (TVM passes a DLTensor* for each); the C side reads data and shapes.
-def decode_attention_func(prefix: str, slots: int) -> tirx.PrimFunc:
-    """Drop-in for TVM's CPU decode attention of the paged KV cache (same parameters): ``slots``
-    parallel calls of <prefix>attn_decode, slot t of n taking query heads [t*H/n, (t+1)*H/n)."""
-    sym = f"{prefix}attn_decode"
+def decode_attention_func(prefix: str, slots: int, heads: int, head_dim: int) -> tirx.PrimFunc:
+    """Drop-in for TVM's CPU decode attention of the paged KV cache (same parameters; ``heads`` query
+    heads of ``head_dim``): ``slots`` parallel calls of <prefix>attn_decode, then ``slots`` of
+    <prefix>attn_decode_merge, sharing a workspace of a partial result per slot (attention.c: a single
+    sequence's long context is split over its pages, the merge combines the parts; otherwise slot t of n
+    takes query heads [t*H/n, (t+1)*H/n) and the merge does nothing)."""
+    sym, merge = f"{prefix}attn_decode", f"{prefix}attn_decode_merge"
 
     @T.prim_func(private=True)
     def attn_decode(q: T.handle, pages: T.handle, indptr: T.handle, values: T.handle, length_info: T.handle,
-                    k_rope_pos_offset: T.handle, q_rope_position: T.handle, output: T.handle, lse: T.handle,
+                    k_rope_pos_offset: T.handle, q_rope_position: T.handle, output: T.handle, lse_h: T.handle,
                     rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        batch = T.int64()
+        lse = T.match_buffer(lse_h, (batch, heads), "float32")   # a buffer: binds the device the workspace needs
+        ws = T.alloc_buffer((slots * heads * (head_dim + 2),), "float32")
         for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", sym, q, pages, indptr, values, length_info, output, lse, t, slots,
-                                     rotary_mode, sm_scale))
+            T.evaluate(T.call_extern("int32", sym, q, pages, indptr, values, length_info, output, lse.data, ws.data,
+                                     t, slots, rotary_mode, sm_scale))
+        for t in T.parallel(slots):
+            T.evaluate(T.call_extern("int32", merge, q, indptr, output, lse.data, ws.data, t, slots, rotary_mode))
 
     return attn_decode
 
@@ -102,7 +110,12 @@ def _rope(prefix: str, slots: int, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return rope_func(prefix, slots, *consts) if consts is not None and consts[1] % 2 == 0 else None
 
 
-ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, lambda prefix, slots, _: decode_attention_func(prefix, slots)),
+def _decode(prefix: str, slots: int, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    heads, head_dim = func.params[0].shape[1:]
+    return decode_attention_func(prefix, slots, int(heads), int(head_dim)) if isinstance(heads, tirx.IntImm) else None
+
+
+ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, _decode),
                      "batch_prefill_ragged_kv": (14, lambda prefix, slots, _: prefill_attention_func(prefix, slots)),
                      "batch_prefill_paged_kv_cpu": (15, lambda prefix, slots, _: prefill_paged_attention_func(prefix, slots)),
                      "fused_rope": (6, _rope)}

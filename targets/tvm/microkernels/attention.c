@@ -10,7 +10,9 @@
 
 #define ATT_MAXD 128      /* head_dim limit (kernels.py only swaps kernels with head_dim <= this) */
 #define ATT_CHUNK 64      /* decode: keys per online-softmax step (at most, within one page) */
-#define ATT_PF_PAGES 4    /* decode: pages prefetched ahead */
+#define ATT_PF_PAGES 4    /* decode, one head at a time: pages prefetched ahead */
+#define ATT_PART_PAGES 4  /* decode split over the sequence: pages per part (at least) */
+#define ATT_QMAX 8192     /* ... and its limit on heads x head_dim (all of q on the stack) */
 #define PF_Q 16           /* prefill: query rows per block */
 #define PF_K 64           /* prefill: key rows per block */
 
@@ -83,14 +85,15 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
 /* ------------------------------------------------------------------ decode ("batch_decode_paged_kv_cpu")
  * Q [B, Hq, D], pages [P, 2, Hkv, page, D] (0 = K, 1 = V), page_indptr [B+1] and page_values: the pages
  * of each sequence, last_len [B]: slots used in its last page; output [B, Hq, D], lse [B, Hq].
- * Decode at depth streams the cache: a head's K (and V) rows of one page are contiguous (page x D
- * values), the next page is a page of every head away, out of the hardware prefetcher's reach, so the
- * rows ATT_PF_PAGES pages ahead are prefetched.  A span (<= ATT_CHUNK rows of one page) is scored and
- * accumulated with q and o in vector registers, rows converted from fp16 as they are loaded; its
- * softmax runs on vectors of scores.  The vector path prefetches row by row as it consumes rows (K
- * rows in the score loop, V rows in the PV loop), so the misses overlap the arithmetic: prefetching a
- * page's rows in one burst before the span serialised the two (bench/kernel_stream.py, 40 layers at
- * depth 1024: 1 thread 10.8 -> 14.5 GB/s, 2 threads 17.7 -> 22.9 GB/s, medians of 3, bench/RESULTS.md). */
+ * A single sequence with a long context is split over its pages (attn_decode_part below); otherwise one
+ * head at a time: its K (and V) rows of one page are contiguous (page x D values), the next page is a
+ * page of every head away, out of the hardware prefetcher's reach, so the rows ATT_PF_PAGES pages ahead
+ * are prefetched.  A span (<= ATT_CHUNK rows of one page) is scored and accumulated with q and o in
+ * vector registers, rows converted from fp16 as they are loaded; its softmax runs on vectors of scores.
+ * The vector path prefetches row by row as it consumes rows (K rows in the score loop, V rows in the PV
+ * loop), so the misses overlap the arithmetic: prefetching a page's rows in one burst before the span
+ * serialised the two (bench/kernel_stream.py, 40 layers at depth 1024: 1 thread 10.8 -> 14.5 GB/s,
+ * 2 threads 17.7 -> 22.9 GB/s, medians of 3, bench/RESULTS.md). */
 static inline void prefetch_lines(const char* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_LOCALITY);
 }
@@ -194,7 +197,7 @@ static void attn_span(const float* q, float* o, Softmax* sm, const void* k, cons
 }
 
 static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
-                             const DLT* len_t, DLT* ot, DLT* lset, int64_t h, int32_t rotary_mode, float sm_scale) {
+                             const DLT* len_t, DLT* ot, float* lse, int64_t h, int32_t rotary_mode, float sm_scale) {
   const int64_t B = qt->shape[0], Hq = qt->shape[1], D = qt->shape[2];
   const int64_t Hkv = pt->shape[2], page = pt->shape[3], kvh = h / (Hq / Hkv), esz = pt->bits / 8;
   const int32_t* indptr = PTR(const int32_t, indptr_t);
@@ -222,16 +225,88 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
     }
     const float inv = (sm.den > 0.f ? 1.f / sm.den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
     att_store(ot, (b * Hq + h) * D, o, D, inv);
-    PTR(float, lset)[b * Hq + h] = sm.m + (sm.den > 0.f ? __builtin_log2f(sm.den) : 0.f);
+    lse[b * Hq + h] = sm.m + (sm.den > 0.f ? __builtin_log2f(sm.den) : 0.f);
   }
 }
 
-/* Parallel slot t of n: query heads [t*Hq/n, (t+1)*Hq/n). */
+/* Split over the sequence (one sequence, at least 2 * ATT_PART_PAGES pages): P parts of consecutive
+ * pages, each scored for every head, page by page.  A page's K rows of all heads are one contiguous run
+ * (V the next), so a thread streams long runs that the hardware prefetcher follows, where one head at a
+ * time reads a page of rows and jumps a page of every head on.  bench/kernel_stream.py, 40 layers at
+ * depth 1024, 9 interleaved rounds, medians: 2 threads 26.3 -> 30.2 GB/s, 1 thread 16.0 -> 23.9 GB/s
+ * (bench/RESULTS.md).  Software prefetch did not help this order and is not used in it.  Part p's
+ * unnormalised output, running max and denominator go to ws + p * Hq * (D + 2), merged by
+ * attn_decode_merge.  Returns P, or 0: one head per slot as attn_decode_head (batches, short contexts,
+ * or heads x head_dim over ATT_QMAX). */
+static int64_t att_parts(const DLT* qt, const DLT* indptr_t, int32_t n) {
+  if (qt->shape[0] != 1 || qt->shape[1] * qt->shape[2] > ATT_QMAX) return 0;
+  const int32_t* indptr = PTR(const int32_t, indptr_t);
+  const int64_t p = (indptr[1] - indptr[0]) / ATT_PART_PAGES;
+  return p < 2 ? 0 : p > n ? n : p;
+}
+
+static void attn_decode_part(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
+                             const DLT* len_t, float* ws, int64_t part, int64_t P, float sm_scale) {
+  const int64_t Hq = qt->shape[1], D = qt->shape[2];
+  const int64_t Hkv = pt->shape[2], page = pt->shape[3], gq = Hq / Hkv, esz = pt->bits / 8;
+  const int32_t* values = PTR(const int32_t, values_t) + PTR(const int32_t, indptr_t)[0];
+  const int64_t np = PTR(const int32_t, indptr_t)[1] - PTR(const int32_t, indptr_t)[0];
+  const char* base = PTR(const char, pt);
+  const int64_t block = page * D * esz, vstep = Hkv * block;
+  float q[ATT_QMAX] __attribute__((aligned(64)));
+  float* o = ws + part * Hq * (D + 2);
+  Softmax* sm = (Softmax*)(o + Hq * D);
+  att_load(qt, 0, q, Hq * D);
+  for (int64_t i = 0; i < Hq * D; i++) o[i] = 0.f;
+  for (int64_t h = 0; h < Hq; h++) sm[h].m = -5e4f, sm[h].den = 0.f;
+  for (int64_t pi = part * np / P; pi < (part + 1) * np / P; pi++) {
+    const int64_t rows = pi + 1 < np ? page : PTR(const int32_t, len_t)[0];
+    for (int64_t h = 0; h < Hq; h++) {
+      const char* kp = base + ((int64_t)values[pi] * 2 * Hkv + h / gq) * block;
+      for (int64_t c = 0; c < rows; c += ATT_CHUNK)
+        attn_span(q + h * D, o + h * D, &sm[h], kp + c * D * esz, kp + vstep + c * D * esz,
+                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, sm_scale * LOG2E, D, 0, 0);
+    }
+  }
+}
+
+/* Decode, the first of kv_kernels.decode_attention_func's two parallel loops.  Parallel slot t of n:
+ * parts [t*P/n, (t+1)*P/n) of the split, or else query heads [t*Hq/n, (t+1)*Hq/n) straight to out / lse
+ * (float32 [B, Hq]).  ws: n * Hq * (D + 2) floats. */
 KEXPORT int32_t KSYM(attn_decode)(const DLT* q, const DLT* pages, const DLT* indptr, const DLT* values,
-                                  const DLT* last_len, DLT* out, DLT* lse, int32_t t, int32_t n,
+                                  const DLT* last_len, DLT* out, float* lse, float* ws, int32_t t, int32_t n,
                                   int32_t rotary_mode, float sm_scale) {
-  const int64_t Hq = q->shape[1];
-  for (int64_t h = t * Hq / n; h < (t + 1) * Hq / n; h++)
-    attn_decode_head(q, pages, indptr, values, last_len, out, lse, h, rotary_mode, sm_scale);
+  const int64_t P = att_parts(q, indptr, n), Hq = q->shape[1];
+  for (int64_t p = t * P / n; p < (t + 1) * P / n; p++) attn_decode_part(q, pages, indptr, values, last_len, ws, p, P, sm_scale);
+  if (!P)
+    for (int64_t h = t * Hq / n; h < (t + 1) * Hq / n; h++)
+      attn_decode_head(q, pages, indptr, values, last_len, out, lse, h, rotary_mode, sm_scale);
+  return 0;
+}
+
+/* The second loop: slot t merges the parts of query heads [t*Hq/n, (t+1)*Hq/n) into out / lse (nothing
+ * when attn_decode did not split). */
+KEXPORT int32_t KSYM(attn_decode_merge)(const DLT* q, const DLT* indptr, DLT* out, float* lse, const float* ws,
+                                        int32_t t, int32_t n, int32_t rotary_mode) {
+  const int64_t P = att_parts(q, indptr, n), Hq = q->shape[1], D = q->shape[2];
+  if (!P) return 0;
+  for (int64_t h = t * Hq / n; h < (t + 1) * Hq / n; h++) {
+    float m = -5e4f, den = 0.f, o[ATT_MAXD];
+    for (int64_t p = 0; p < P; p++) {
+      const float pm = ((const Softmax*)(ws + p * Hq * (D + 2) + Hq * D))[h].m;
+      m = pm > m ? pm : m;
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+    for (int64_t p = 0; p < P; p++) {
+      const float* po = ws + p * Hq * (D + 2);
+      const Softmax sm = ((const Softmax*)(po + Hq * D))[h];
+      const float w = exp2_neg(sm.m - m);
+      den += sm.den * w;
+      for (int64_t d = 0; d < D; d++) o[d] += w * po[h * D + d];
+    }
+    const float inv = (den > 0.f ? 1.f / den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
+    att_store(out, h * D, o, D, inv);
+    lse[h] = m + (den > 0.f ? __builtin_log2f(den) : 0.f);
+  }
   return 0;
 }
