@@ -2,8 +2,9 @@
 
 Output (a directory, copied as `runner/` into android/harmony bundles):
     mcpm-run          static aarch64 launcher (launcher.c): execs the bundled loader on mcpm-run.bin
-    mcpm-run.bin      the runner (mcpm_run.cc; options.cc, prompt.cc + tokenizer.cc: text prompts; vision.cc: the
-                      image path) over tvm::ffi, dynamically linked
+    mcpm-run.bin      the runner (mcpm_run.cc; bundle.cc: the bundle's files and libraries; options.cc,
+                      prompt.cc + tokenizer.cc: text prompts; vision.cc: the image path) over tvm::ffi,
+                      dynamically linked
     lib/              ld-linux-aarch64.so.1, libc/libm/libdl/libpthread/libstdc++/libgcc_s (from the
                       Debian cross toolchain's sysroot) + libtvm_runtime(_extra).so, libtvm_ffi.so
                       (from PyPI's aarch64 apache-tvm / apache-tvm-ffi wheels, never installed)
@@ -33,8 +34,8 @@ from exporter.cache import cache_dir
 from exporter.errors import ExportError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("mcpm_run.cc", "options.cc", "options.h", "prompt.cc", "prompt.h", "tokenizer.cc", "tokenizer.h",
-           "vision.cc", "vision.h", "launcher.c", "build.py")
+SOURCES = ("mcpm_run.cc", "bundle.cc", "bundle.h", "options.cc", "options.h", "prompt.cc", "prompt.h", "tokenizer.cc",
+           "tokenizer.h", "vision.cc", "vision.h", "launcher.c", "build.py")
 CXX_SOURCES = tuple(n for n in SOURCES if n.endswith(".cc"))   # compiled + linked into mcpm-run.bin
 TRIPLE = "aarch64-linux-gnu"
 SYSROOT_LIB = Path(f"/usr/{TRIPLE}/lib")

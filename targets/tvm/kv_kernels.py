@@ -19,8 +19,8 @@ def decode_attention_func(prefix: str, slots: int, heads: int, head_dim: int) ->
     heads of ``head_dim``): ``slots`` parallel calls of <prefix>attn_decode, then ``slots`` of
     <prefix>attn_decode_merge, sharing a workspace of a partial result per slot (attention.c: a single
     sequence's long context is split over its pages, the merge combines the parts; otherwise slot t of n
-    takes query heads [t*H/n, (t+1)*H/n) and the merge does nothing)."""
-    sym, merge = f"{prefix}attn_decode", f"{prefix}attn_decode_merge"
+    takes query heads [t*H/n, (t+1)*H/n) and the merge loop is skipped: <prefix>attn_decode_parts is 0)."""
+    sym, parts, merge = f"{prefix}attn_decode", f"{prefix}attn_decode_parts", f"{prefix}attn_decode_merge"
 
     @T.prim_func(private=True)
     def attn_decode(q: T.handle, pages: T.handle, indptr: T.handle, values: T.handle, length_info: T.handle,
@@ -33,8 +33,9 @@ def decode_attention_func(prefix: str, slots: int, heads: int, head_dim: int) ->
         for t in T.parallel(slots):
             T.evaluate(T.call_extern("int32", sym, q, pages, indptr, values, length_info, output, lse.data, ws.data,
                                      t, slots, rotary_mode, sm_scale))
-        for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", merge, q, indptr, output, lse.data, ws.data, t, slots, rotary_mode))
+        if T.call_extern("int32", parts, q, indptr, slots) > 0:
+            for t in T.parallel(slots):
+                T.evaluate(T.call_extern("int32", merge, q, indptr, output, lse.data, ws.data, t, slots, rotary_mode))
 
     return attn_decode
 

@@ -284,8 +284,13 @@ KEXPORT int32_t KSYM(attn_decode)(const DLT* q, const DLT* pages, const DLT* ind
   return 0;
 }
 
-/* The second loop: slot t merges the parts of query heads [t*Hq/n, (t+1)*Hq/n) into out / lse (nothing
- * when attn_decode did not split). */
+/* The number of parts attn_decode splits into (0: none), for the wrapper: it runs the merge loop only
+ * after a split. */
+KEXPORT int32_t KSYM(attn_decode_parts)(const DLT* q, const DLT* indptr, int32_t n) {
+  return (int32_t)att_parts(q, indptr, n);
+}
+
+/* The second loop: slot t merges the parts of query heads [t*Hq/n, (t+1)*Hq/n) into out / lse. */
 KEXPORT int32_t KSYM(attn_decode_merge)(const DLT* q, const DLT* indptr, DLT* out, float* lse, const float* ws,
                                         int32_t t, int32_t n, int32_t rotary_mode) {
   const int64_t P = att_parts(q, indptr, n), Hq = q->shape[1], D = q->shape[2];
