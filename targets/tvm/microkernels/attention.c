@@ -12,6 +12,7 @@
 #define ATT_CHUNK 64      /* decode: keys per online-softmax step (at most, within one page) */
 #define ATT_PF_PAGES 4    /* decode, one head at a time: pages prefetched ahead */
 #define ATT_PART_PAGES 4  /* decode split over the sequence: pages per part (at least) */
+#define ATT_PF_HEADS 2    /* ... rows prefetched: those of the head this many on (4 KB on at MiniCPM-2B's shape) */
 #define ATT_QMAX 8192     /* ... and its limit on heads x head_dim (all of q on the stack) */
 #define PF_Q 16           /* prefill: query rows per block */
 #define PF_K 64           /* prefill: key rows per block */
@@ -232,12 +233,12 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
 /* Split over the sequence (one sequence, at least 2 * ATT_PART_PAGES pages): P parts of consecutive
  * pages, each scored for every head, page by page.  A page's K rows of all heads are one contiguous run
  * (V the next), so a thread streams long runs that the hardware prefetcher follows, where one head at a
- * time reads a page of rows and jumps a page of every head on.  bench/kernel_stream.py, 40 layers at
- * depth 1024, 9 interleaved rounds, medians: 2 threads 26.3 -> 30.2 GB/s, 1 thread 16.0 -> 23.9 GB/s
- * (bench/RESULTS.md).  Software prefetch did not help this order and is not used in it.  Part p's
- * unnormalised output, running max and denominator go to ws + p * Hq * (D + 2), merged by
- * attn_decode_merge.  Returns P, or 0: one head per slot as attn_decode_head (batches, short contexts,
- * or heads x head_dim over ATT_QMAX). */
+ * time reads a page of rows and jumps a page of every head on.  The rows ATT_PF_HEADS heads on (the
+ * next page's first heads at the end of a page) are prefetched as the span uses its rows: the hardware
+ * prefetcher alone ran this order at ~29 GB/s in some processes and ~15 in others (bench/kernel_stream.py,
+ * 2 threads), with the prefetch it stays at 25-28 (bench/RESULTS.md).  Part p's unnormalised output,
+ * running max and denominator go to ws + p * Hq * (D + 2), merged by attn_decode_merge.  Returns P, or
+ * 0: one head per slot as attn_decode_head (batches, short contexts, or heads x head_dim over ATT_QMAX). */
 static int64_t att_parts(const DLT* qt, const DLT* indptr_t, int32_t n) {
   if (qt->shape[0] != 1 || qt->shape[1] * qt->shape[2] > ATT_QMAX) return 0;
   const int32_t* indptr = PTR(const int32_t, indptr_t);
@@ -263,9 +264,12 @@ static void attn_decode_part(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
     const int64_t rows = pi + 1 < np ? page : PTR(const int32_t, len_t)[0];
     for (int64_t h = 0; h < Hq; h++) {
       const char* kp = base + ((int64_t)values[pi] * 2 * Hkv + h / gq) * block;
+      const int64_t hf = (h + ATT_PF_HEADS) % Hq, pf = h + ATT_PF_HEADS < Hq ? pi : pi + 1;   /* prefetched */
+      const char* kf = pf < np ? base + ((int64_t)values[pf] * 2 * Hkv + hf / gq) * block : 0;
       for (int64_t c = 0; c < rows; c += ATT_CHUNK)
         attn_span(q + h * D, o + h * D, &sm[h], kp + c * D * esz, kp + vstep + c * D * esz,
-                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, sm_scale * LOG2E, D, 0, 0);
+                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, sm_scale * LOG2E, D, kf ? kf + c * D * esz : 0,
+                  vstep);
     }
   }
 }
