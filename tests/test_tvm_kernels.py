@@ -267,8 +267,8 @@ def test_attention_kernels_match_tvm_kernels(tmp_path, model, kv_dtype, mcpu):
     """kernels.replace_attention (decode, ragged and paged prefill, RoPE) vs TVM's own CPU kernels, on a model
     with no quantized linears, so attention is the only difference: GQA (2 query heads per KV head), a
     45-token prompt in chunks of 32 (ragged prefill, then paged prefill of the prefix + merge), 110
-    decode steps that cross KV pages (16 slots, a last page partly filled; from 128 tokens on, decode splits
-    the context into 2 parts of pages and merges them); and a 150-token prompt in one
+    decode steps that cross KV pages (16 slots, a last page partly filled; from 8 pages (113 tokens) on, decode
+    splits the context into 2 parts of pages and merges them); and a 150-token prompt in one
     chunk (several 16-query x 64-key blocks of the ragged kernel, causal). Identical greedy tokens, logits
     within ATTN_ATOL."""
     from exporter.checkpoint import open_checkpoint

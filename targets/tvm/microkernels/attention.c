@@ -236,7 +236,7 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
  * time reads a page of rows and jumps a page of every head on.  The rows ATT_PF_HEADS heads on (the
  * next page's first heads at the end of a page) are prefetched as the span uses its rows: the hardware
  * prefetcher alone ran this order at ~29 GB/s in some processes and ~15 in others (bench/kernel_stream.py,
- * 2 threads), with the prefetch it stays at 25-28 (bench/RESULTS.md).  Part p's unnormalised output,
+ * 2 threads), with the prefetch it stays at 23-27 (bench/RESULTS.md).  Part p's unnormalised output,
  * running max and denominator go to ws + p * Hq * (D + 2), merged by attn_decode_merge.  Returns P, or
  * 0: one head per slot as attn_decode_head (batches, short contexts, or heads x head_dim over ATT_QMAX). */
 static int64_t att_parts(const DLT* qt, const DLT* indptr_t, int32_t n) {
