@@ -197,6 +197,13 @@ static void attn_span(const float* q, float* o, Softmax* sm, const void* k, cons
   sm->m = cm;
 }
 
+/* Row i of out (o / den) and lse[i] (max + log2 den); NaN with rotary_mode 1 (see the top). */
+static inline void att_finish(DLT* ot, float* lse, int64_t i, const float* o, int64_t D, Softmax sm,
+                              int32_t rotary_mode) {
+  att_store(ot, i * D, o, D, (sm.den > 0.f ? 1.f / sm.den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f));
+  lse[i] = sm.m + (sm.den > 0.f ? __builtin_log2f(sm.den) : 0.f);
+}
+
 static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
                              const DLT* len_t, DLT* ot, float* lse, int64_t h, int32_t rotary_mode, float sm_scale) {
   const int64_t B = qt->shape[0], Hq = qt->shape[1], D = qt->shape[2];
@@ -224,9 +231,7 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
         attn_span(q, o, &sm, kp + c * D * esz, kp + vstep + c * D * esz,
                   c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, scale, D, kf ? kf + c * D * esz : 0, vstep);
     }
-    const float inv = (sm.den > 0.f ? 1.f / sm.den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
-    att_store(ot, (b * Hq + h) * D, o, D, inv);
-    lse[b * Hq + h] = sm.m + (sm.den > 0.f ? __builtin_log2f(sm.den) : 0.f);
+    att_finish(ot, lse, b * Hq + h, o, D, sm, rotary_mode);
   }
 }
 
@@ -313,9 +318,7 @@ KEXPORT int32_t KSYM(attn_decode_merge)(const DLT* q, const DLT* indptr, DLT* ou
       den += sm.den * w;
       for (int64_t d = 0; d < D; d++) o[d] += w * po[h * D + d];
     }
-    const float inv = (den > 0.f ? 1.f / den : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
-    att_store(out, h * D, o, D, inv);
-    lse[h] = m + (den > 0.f ? __builtin_log2f(den) : 0.f);
+    att_finish(out, lse, h, o, D, (Softmax){m, den}, rotary_mode);
   }
   return 0;
 }

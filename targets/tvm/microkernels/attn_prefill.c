@@ -154,11 +154,8 @@ static void attn_prefill_task(const DLT* qt, const KVSrc* src, DLT* ot, DLT* lse
       for (int64_t d = 0; d < D; d++) Kt[d][j] = 0.f;
     prefill_block(Q, O, Kt, V, m, l, lim, nr, c0, nk, D);
   }
-  for (int64_t i = 0; i < nr; i++) {
-    const float inv = (l[i] > 0.f ? 1.f / l[i] : 1.f) + (rotary_mode ? __builtin_nanf("") : 0.f);
-    att_store(ot, ((qbase + r0 + i) * Hq + h) * D, O[i], D, inv);
-    PTR(float, lset)[(qbase + r0 + i) * Hq + h] = m[i] + (l[i] > 0.f ? __builtin_log2f(l[i]) : 0.f);
-  }
+  for (int64_t i = 0; i < nr; i++)
+    att_finish(ot, PTR(float, lset), (qbase + r0 + i) * Hq + h, O[i], D, (Softmax){m[i], l[i]}, rotary_mode);
 }
 
 /* The tasks of sequence b (Lq queries, Lk keys from src) that parallel slot t of n owns: tasks are
