@@ -204,6 +204,20 @@ static inline void att_finish(DLT* ot, float* lse, int64_t i, const float* o, in
   lse[i] = sm.m + (sm.den > 0.f ? __builtin_log2f(sm.den) : 0.f);
 }
 
+/* The K rows of KV head kvh in cache page pg (its V rows are Hkv * block further). */
+static inline const char* att_rows(const char* base, int32_t pg, int64_t kvh, int64_t Hkv, int64_t block) {
+  return base + ((int64_t)pg * 2 * Hkv + kvh) * block;
+}
+
+/* One page's `rows` keys (K rows at kp, V rows vstep on) into o / sm, in spans of at most ATT_CHUNK; kf: the
+ * rows to prefetch meanwhile, or 0. */
+static inline void attn_page(const float* q, float* o, Softmax* sm, const char* kp, const char* kf, int64_t rows,
+                             int64_t D, int64_t esz, float scale, int64_t vstep) {
+  for (int64_t c = 0; c < rows; c += ATT_CHUNK)
+    attn_span(q, o, sm, kp + c * D * esz, kp + vstep + c * D * esz, c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c,
+              esz == 2, scale, D, kf ? kf + c * D * esz : 0, vstep);
+}
+
 static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, const DLT* values_t,
                              const DLT* len_t, DLT* ot, float* lse, int64_t h, int32_t rotary_mode, float sm_scale) {
   const int64_t B = qt->shape[0], Hq = qt->shape[1], D = qt->shape[2];
@@ -220,16 +234,12 @@ static void attn_decode_head(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
     Softmax sm = {-5e4f, 0.f};
     att_load(qt, (b * Hq + h) * D, q, D);
     for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-#define HEAD_ROWS(pi) (base + ((int64_t)values[p0 + (pi)] * 2 * Hkv + kvh) * block)   /* K rows; V: + vstep */
-    for (int32_t pi = 0; pi < np && pi < ATT_PF_PAGES; pi++) att_prefetch(HEAD_ROWS(pi), block, vstep);
+    for (int32_t pi = 0; pi < np && pi < ATT_PF_PAGES; pi++)
+      att_prefetch(att_rows(base, values[p0 + pi], kvh, Hkv, block), block, vstep);
     for (int32_t pi = 0; pi < np; pi++) {
-      const int64_t rows = pi + 1 < np ? page : last_len[b];
-      const char* kp = HEAD_ROWS(pi);
-      const char* kf = pi + ATT_PF_PAGES < np ? HEAD_ROWS(pi + ATT_PF_PAGES) : 0;
-#undef HEAD_ROWS
-      for (int64_t c = 0; c < rows; c += ATT_CHUNK)
-        attn_span(q, o, &sm, kp + c * D * esz, kp + vstep + c * D * esz,
-                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, scale, D, kf ? kf + c * D * esz : 0, vstep);
+      const char* kf = pi + ATT_PF_PAGES < np ? att_rows(base, values[p0 + pi + ATT_PF_PAGES], kvh, Hkv, block) : 0;
+      attn_page(q, o, &sm, att_rows(base, values[p0 + pi], kvh, Hkv, block), kf, pi + 1 < np ? page : last_len[b], D,
+                esz, scale, vstep);
     }
     att_finish(ot, lse, b * Hq + h, o, D, sm, rotary_mode);
   }
@@ -268,13 +278,10 @@ static void attn_decode_part(const DLT* qt, const DLT* pt, const DLT* indptr_t, 
   for (int64_t pi = part * np / P; pi < (part + 1) * np / P; pi++) {
     const int64_t rows = pi + 1 < np ? page : PTR(const int32_t, len_t)[0];
     for (int64_t h = 0; h < Hq; h++) {
-      const char* kp = base + ((int64_t)values[pi] * 2 * Hkv + h / gq) * block;
       const int64_t hf = (h + ATT_PF_HEADS) % Hq, pf = h + ATT_PF_HEADS < Hq ? pi : pi + 1;   /* prefetched */
-      const char* kf = pf < np ? base + ((int64_t)values[pf] * 2 * Hkv + hf / gq) * block : 0;
-      for (int64_t c = 0; c < rows; c += ATT_CHUNK)
-        attn_span(q + h * D, o + h * D, &sm[h], kp + c * D * esz, kp + vstep + c * D * esz,
-                  c + ATT_CHUNK < rows ? ATT_CHUNK : rows - c, esz == 2, sm_scale * LOG2E, D, kf ? kf + c * D * esz : 0,
-                  vstep);
+      const char* kf = pf < np ? att_rows(base, values[pf], hf / gq, Hkv, block) : 0;
+      attn_page(q + h * D, o + h * D, &sm[h], att_rows(base, values[pi], h / gq, Hkv, block), kf, rows, D, esz,
+                sm_scale * LOG2E, vstep);
     }
   }
 }
