@@ -1,13 +1,14 @@
 """Host benchmark of the llama-bench workloads: one MiniCPM-2B-shaped int4 model, every engine, 2 threads.
 
-    python3 bench/decode_host.py [--engines mcpm,llama.cpp,llama.cpp-passive,llama.cpp-norepack,onnxruntime,torch]
+    python3 bench/decode_host.py [--engines mcpm,llama.cpp,llama.cpp-passive,llama.cpp-thp,llama.cpp-norepack,onnxruntime,torch]
         [--json] [--threads 2] [--prompt-tokens 512] [--new-tokens 128] [--depths 0,1024] [--reps 3] [--checkpoint DIR]
 
 Workloads (llama-bench's names): pp<P> = prefill P prompt tokens from an empty context; tg<N>@d<P> = N
 decode steps right after that prompt; tg<N> = N decode steps at depth 0 and tg<N>@d<D> after a D-token
 context, for each --depths D. Same random-weight checkpoint (bench/make_2b_checkpoint.py), same token
 ids, greedy. Engines and their settings: bench/host_engines.py (every engine in its best documented
-configuration; `llama.cpp-passive` and `llama.cpp-norepack` are extra, labelled rows). Each repetition runs every engine once,
+configuration; `llama.cpp-passive`, `llama.cpp-thp` and `llama.cpp-norepack` are extra, labelled rows). Each
+repetition runs every engine once,
 in its own process, engines interleaved (rep 1: A B C, rep 2: A B C, ...); each process warms up once.
 Reported per engine and workload: median and min-max tok/s over the repetitions.
 Roofline: STREAM-like C read (bench/kernel_stream.c `read`, 1 GiB, same threads) divided by the bytes

@@ -14,6 +14,9 @@ Engines (each in its best documented configuration for a CPU; handicapped varian
                      weight repacking on (extra buffer types), default thread waits, n_ubatch 512
   llama.cpp-passive  the same with passive OpenMP waits (OMP_WAIT_POLICY=PASSIVE): on a shared machine
                      the default spin-waits collapse when a worker is descheduled (extra row)
+  llama.cpp-thp      the defaults with glibc's malloc asking for transparent huge pages
+                     (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: its repacked weights and KV cache in 2 MiB
+                     pages, as mcpm's weights are, targets/tvm/runner.host_tensors; extra row)
   llama.cpp-norepack no weight repacking and passive waits (handicapped: how this bench ran llama.cpp
                      before issue 11; an extra row only)
   onnxruntime        bench/ort_minicpm.py: MatMulNBits int4 (accuracy_level 4), ORT session defaults
@@ -34,10 +37,12 @@ from exporter.cache import cache_root
 CACHE = cache_root()
 LLAMA = CACHE / "llama_cpp"
 LLAMA_VERSION = "0.3.36"
-ENGINES = ("mcpm", "llama.cpp", "llama.cpp-passive", "llama.cpp-norepack", "onnxruntime", "torch")
+ENGINES = ("mcpm", "llama.cpp", "llama.cpp-passive", "llama.cpp-thp", "llama.cpp-norepack", "onnxruntime", "torch")
 # Environment per engine process. mcpm: TVM's pool without pinning (shared cores; measured better
-# here). llama.cpp-passive / -norepack: passive OpenMP waits. Everything else: defaults.
+# here). llama.cpp-passive / -norepack: passive OpenMP waits. llama.cpp-thp: huge pages from malloc.
+# Everything else: defaults.
 ENGINE_ENV = {"mcpm": {"TVM_BIND_THREADS": "0"}, "llama.cpp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+              "llama.cpp-thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
               "llama.cpp-norepack": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 

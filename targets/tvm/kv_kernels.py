@@ -1,8 +1,9 @@
 """The paged KV cache's CPU kernels swapped for the microkernels' (issue 11): TVM 0.27's TIRPagedKVCache
-calls its attention and RoPE functions by name from the module (``batch_decode_paged_kv_cpu``,
-``batch_prefill_ragged_kv``, ``batch_prefill_paged_kv_cpu``, ``fused_rope``); ``replace_attention``
-replaces each by a TIR wrapper of the same parameters that runs the C kernel of microkernels/attention.c,
-attn_prefill.c or rope.c in a parallel loop. Used by kernels.optimize_for_cpu.
+calls its attention, RoPE and append functions by name from the module (``batch_decode_paged_kv_cpu``,
+``batch_prefill_ragged_kv``, ``batch_prefill_paged_kv_cpu``, ``fused_rope``,
+``tir_kv_cache_transpose_append``); ``replace_attention`` replaces each by a TIR wrapper of the same
+parameters that runs the C kernel of microkernels/attention.c, attn_prefill.c or rope.c in a parallel
+loop (kv_append.c: one serial call). Used by kernels.optimize_for_cpu.
 """
 from __future__ import annotations
 
@@ -92,6 +93,19 @@ def rope_func(prefix: str, slots: int, theta: float, rot: int) -> tirx.PrimFunc:
     return fused_rope
 
 
+def kv_append_func(prefix: str) -> tirx.PrimFunc:
+    """Drop-in for the KV cache's "tir_kv_cache_transpose_append" (new k and v rows into their pages; same
+    parameters): one serial call of <prefix>kv_append (a decode step appends one token)."""
+    sym = f"{prefix}kv_append"
+
+    @T.prim_func(private=True)
+    def kv_append(pages: T.handle, k_data: T.handle, v_data: T.handle, position_map: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.evaluate(T.call_extern("int32", sym, pages, k_data, v_data, position_map))
+
+    return kv_append
+
+
 _POW = re.compile(r"T\.pow\(T\.float32\(([0-9.e+-]+)\), T\.Cast\(\"float32\", \w+ \* 2 % (\d+)\) / T\.float32\(([0-9.]+)\)\)")
 
 
@@ -120,6 +134,8 @@ ATTENTION_KERNELS = {"batch_decode_paged_kv_cpu": (13, _decode),
                      "batch_prefill_ragged_kv": (14, lambda prefix, slots, _: prefill_attention_func(prefix, slots)),
                      "batch_prefill_paged_kv_cpu": (15, lambda prefix, slots, _: prefill_paged_attention_func(prefix, slots)),
                      "fused_rope": (6, _rope)}
+# copies rows of any element type: no dtype or head_dim condition
+KV_APPEND = {"tir_kv_cache_transpose_append": (4, lambda prefix, slots, _: kv_append_func(prefix))}
 ATT_MAXD = 128
 
 
@@ -132,14 +148,14 @@ def _attention_ok(func: tirx.PrimFunc) -> bool:
 
 
 def replace_attention(mod: tvm.IRModule, prefix: str, slots: int) -> tuple[tvm.IRModule, int]:
-    """Swap TVM's serial, scalar CPU decode, ragged-prefill and paged-prefill attention and its RoPE for
-    the microkernel versions (symbols ``prefix``*, ``slots``-way parallel loops); returns (module,
+    """Swap TVM's serial, scalar CPU decode, ragged-prefill and paged-prefill attention, its RoPE and its
+    KV append for the microkernel versions (symbols ``prefix``*, ``slots``-way parallel loops); returns (module,
     kernels replaced)."""
     count = 0
     for gv, func in list(mod.functions.items()):
-        spec = ATTENTION_KERNELS.get(gv.name_hint)
+        spec = ATTENTION_KERNELS.get(gv.name_hint) or KV_APPEND.get(gv.name_hint)
         if spec is None or not isinstance(func, tirx.PrimFunc) or len(func.params) != spec[0] \
-                or not _attention_ok(func):
+                or (gv.name_hint in ATTENTION_KERNELS and not _attention_ok(func)):
             continue
         new = spec[1](prefix, slots, func)
         if new is None:

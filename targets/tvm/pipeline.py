@@ -203,8 +203,10 @@ def relax_pipeline(target: tvm.target.Target, dynamic_shapes: bool = False,
     @tvm.transform.module_pass(opt_level=0, name="mcpm_tvm_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
-                      relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            # RemoveRedundantReshape: the kernels' output reshape followed by the next kernel's input
+            # reshape (w13 -> SwiGLU quantiser) would otherwise fuse into a copy
+            passes = [relax.transform.RemoveRedundantReshape(), relax.backend.DispatchSampling(),
+                      relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                       relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
                       relax.transform.DeadCodeElimination()]
             if gpu:

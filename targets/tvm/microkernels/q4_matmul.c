@@ -24,7 +24,8 @@
  * Files (one translation unit): common.h (ABI, symbols, helpers), this file (activation quantisation,
  * the x86 / portable GEMV, the exported q4 entry points), q4_neon.c (aarch64 GEMV and GEMM), q4_gemm.c
  * (x86 prefill GEMM), q8_matmul.c (int8 weights), vq8_gemm.c (vision int8 GEMM), attention.c and
- * attn_prefill.c (paged KV cache attention, float vectors from vecf.h), rope.c (its RoPE).
+ * attn_prefill.c (paged KV cache attention, float vectors from vecf.h), rope.c (its RoPE), kv_append.c
+ * (its append).
  */
 #include "common.h"
 
@@ -407,3 +408,4 @@ KEXPORT int32_t KSYM(q4_matmul_dyn)(const DLT* qw, const DLT* sc, const DLT* xq,
 #include "attention.c"      /* decode attention of the paged KV cache */
 #include "attn_prefill.c"   /* its ragged and paged prefill attention */
 #include "rope.c"           /* its RoPE of the fused QKV */
+#include "kv_append.c"      /* its append of new k and v rows */
