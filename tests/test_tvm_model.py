@@ -130,3 +130,30 @@ def test_params_reject_wrong_shape(tiny):
     bad["layers.3.feed_forward.w2.weight"] = bad["layers.3.feed_forward.w2.weight"][:, :320]
     with pytest.raises(ExportError, match="layers.3.feed_forward.w2.weight"):
         tvm_params(specs, bad)
+
+
+def test_host_tensors_copy_exactly_into_huge_pages():
+    """runner.host_tensors (the host weights, one arena): every array's values, dtype and shape kept, 64-byte
+    aligned; where Linux offers transparent huge pages (madvise or always), the arena's mapping holds 2 MiB
+    pages (/proc/self/smaps AnonHugePages)."""
+    import re
+
+    from targets.tvm.runner import HUGE_PAGE, host_tensors
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1024, 2048)).astype(np.float16), np.arange(7, dtype=np.int8),
+              rng.integers(0, 2 ** 32, (2048, 1024), dtype=np.uint32), rng.standard_normal(5).astype(np.float32)]
+    tensors = host_tensors(arrays)
+    for a, t in zip(arrays, tensors):
+        assert tuple(t.shape) == a.shape and str(t.dtype) == str(a.dtype) and t.data_ptr() % 64 == 0
+        np.testing.assert_array_equal(t.numpy(), a)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    start = tensors[0].data_ptr()
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) .*?\nAnonHugePages:\s+(\d+) kB", Path("/proc/self/smaps").read_text(),
+                         re.M | re.S):
+        if int(m[1], 16) <= start < int(m[2], 16):
+            assert int(m[3]) * 1024 >= 2 * HUGE_PAGE, m[0].splitlines()[0]
+            return
+    pytest.fail(f"no mapping holds {start:#x}")

@@ -50,7 +50,7 @@ def host_tensors(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
         size = -(-size // 64) * 64              # TVM's tensor alignment
         offsets.append(size)
         size += a.nbytes
-    arena = mmap.mmap(-1, size + HUGE_PAGE)     # anonymous, zero-filled, not yet touched
+    arena = mmap.mmap(-1, size + HUGE_PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # zero-filled, untouched
     base = -np.frombuffer(arena, np.uint8, 1).ctypes.data % HUGE_PAGE
     try:
         arena.madvise(mmap.MADV_HUGEPAGE, base, size)
