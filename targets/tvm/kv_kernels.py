@@ -80,15 +80,17 @@ def prefill_paged_attention_func(prefix: str, slots: int) -> tirx.PrimFunc:
 
 def rope_func(prefix: str, slots: int, theta: float, rot: int) -> tirx.PrimFunc:
     """Drop-in for the KV cache's "fused_rope" (split the fused QKV, RoPE on q and k; same parameters):
-    ``slots`` parallel calls of <prefix>rope, slot t of n taking positions [t*S/n, (t+1)*S/n)."""
-    sym = f"{prefix}rope"
+    ``slots`` parallel calls of <prefix>rope, slot t of n taking positions [t*S/n, (t+1)*S/n); a single
+    position (a decode step) is done on the calling thread by <prefix>rope_one, without a parallel launch."""
+    sym, one = f"{prefix}rope", f"{prefix}rope_one"
 
     @T.prim_func(private=True)
     def fused_rope(qkv: T.handle, position_map: T.handle, q: T.handle, k: T.handle, v: T.handle, apply_rope: T.int64):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        for t in T.parallel(slots):
-            T.evaluate(T.call_extern("int32", sym, qkv, position_map, q, k, v, apply_rope, T.float32(theta),
-                                     T.int32(rot), t, slots))
+        if T.call_extern("int32", one, qkv, position_map, q, k, v, apply_rope, T.float32(theta), T.int32(rot)) == 0:
+            for t in T.parallel(slots):
+                T.evaluate(T.call_extern("int32", sym, qkv, position_map, q, k, v, apply_rope, T.float32(theta),
+                                         T.int32(rot), t, slots))
 
     return fused_rope
 

@@ -37,3 +37,11 @@ KEXPORT int32_t KSYM(rope)(const DLT* qkv, const DLT* pos, DLT* q, DLT* k, DLT* 
   }
   return 0;
 }
+
+/* A decode step's single position on the calling thread (1 if done; else 0 and the wrapper's parallel
+ * loop runs `rope`): waking the pool costs more than 4608 rotations. */
+KEXPORT int32_t KSYM(rope_one)(const DLT* qkv, const DLT* pos, DLT* q, DLT* k, DLT* v, int64_t apply, float theta,
+                               int32_t rot) {
+  if (qkv->shape[0] != 1) return 0;
+  return KSYM(rope)(qkv, pos, q, k, v, apply, theta, rot, 0, 1), 1;
+}
