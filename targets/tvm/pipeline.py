@@ -206,9 +206,9 @@ def relax_pipeline(target: tvm.target.Target, dynamic_shapes: bool = False,
             # RemoveRedundantReshape: the kernels' output reshape followed by the next kernel's input
             # reshape (w13 -> SwiGLU quantiser) would otherwise fuse into a copy
             passes = [relax.transform.RemoveRedundantReshape(), relax.backend.DispatchSampling(),
-                      relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                      relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                      relax.transform.DeadCodeElimination()]
+                      relax.backend.DispatchSortScan(), relax.transform.LegalizeOps(),
+                      relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+                      relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
             if gpu:
                 from tvm.s_tir import dlight as dl
                 passes.append(dl.ApplyDefaultSchedule(*_gpu_rules(dynamic_shapes)))

@@ -5,8 +5,9 @@
  * type (float16 or float32, from the DLTensors).  TVM's TIR computes the page and slot per element
  * (4608 of each per layer and decoded token for MiniCPM-2B): 9 us a call, serial, at every layer. */
 
+/* A row of bytes (a multiple of 2: float16 or float32) without a libc call (the object is freestanding). */
 static inline void kv_row_copy(char* dst, const char* src, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 4) __builtin_memcpy(dst + i, src + i, 4);   /* rows are D * 2 or 4 bytes */
+  for (int64_t i = 0; i < bytes; i += 2) __builtin_memcpy(dst + i, src + i, 2);
 }
 
 KEXPORT int32_t KSYM(kv_append)(DLT* pages, const DLT* k, const DLT* v, const DLT* position_map) {
