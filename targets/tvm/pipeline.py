@@ -254,13 +254,15 @@ def save_tar(ex: relax.VMExecutable, path: Path) -> None:
 def save_so(ex: relax.VMExecutable, path: Path, triple: str) -> None:
     """Shared form: clang + lld for the target triple (x86_64: TVM's default, loadable with
     ``tvm.runtime.load_module``). A device .so is a system lib: dlopen it RTLD_GLOBAL, then
-    ``ffi.SystemLib(prefix)``. TVM runtime, libc and libm symbols stay undefined (resolved by the loader)."""
+    ``ffi.SystemLib(prefix)``. TVM runtime, libc and libm symbols stay undefined (resolved by the loader).
+    lld writes its output with write(), not through a mapping: on a full filesystem a mapped write dies of
+    SIGBUS (and lld removes the file), where write() reports "No space left on device" (bundle.disk_full)."""
     if triple.startswith("x86_64"):
         ex.export_library(str(path))
         return
     link = cc.cross_compiler("clang", options=[f"--target={triple}", "-fuse-ld=lld", "-nostdlib",
                                                "-Wl,--allow-shlib-undefined", "-Wl,--build-id=none",
-                                               "-Wl,--strip-debug"])
+                                               "-Wl,--strip-debug", "-Wl,--no-mmap-output-file"])
     ex.export_library(str(path), fcompile=link)
 
 
