@@ -41,8 +41,22 @@ class Linear(nn.Module):
         return self.w(x)
 
 
-def linear_ir(n_out: int, n_in: int, kind: str = Q4) -> tvm.IRModule:
-    mod, _ = Linear(n_out, n_in, kind).export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "n", n_in], "float32")}})
+class NormLinear(nn.Module):
+    """RMSNorm then a q4 linear layer: a block's attention_norm + wqkv."""
+    def __init__(self, n_out: int, n_in: int):
+        self.norm = nn.RMSNorm(n_in, -1, NORM_EPS, bias=False, dtype="float32")
+        self.w = QWeight(n_out, n_in, Q4)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.w(self.norm(x))
+
+
+NORM_EPS = 1e-5
+
+
+def linear_ir(n_out: int, n_in: int, kind: str = Q4, norm: bool = False) -> tvm.IRModule:
+    model = NormLinear(n_out, n_in) if norm else Linear(n_out, n_in, kind)
+    mod, _ = model.export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, "n", n_in], "float32")}})
     return mod
 
 
@@ -113,6 +127,27 @@ def test_fused_matches_numpy_host(tmp_path, mcpu):
             check(y[0], x[0], qw, sc)
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 ISA variants need an x86_64 host")
+@pytest.mark.parametrize("mcpu", ["x86-64", "host"])
+def test_rmsnorm_quantiser_matches_numpy(tmp_path, mcpu):
+    """rms_norm(x, w) feeding a q4 linear layer is computed by its quantiser (mcpm_q4_quant_rmsnorm): the
+    layer's output against numpy's RMSNorm then the kernel maths, at check()'s tolerances."""
+    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    for i, (n_out, n_in) in enumerate(SHAPES[1:]):
+        mod = linear_ir(n_out, n_in, norm=True)
+        assert "mcpm_q4_quant_rmsnorm" in kernels.optimize_for_cpu(mod, target)["forward"].script()
+        vm = build_host(mod, target, tmp_path / f"norm{i}.so")
+        qw, sc = weights(n_out, n_in, seed=i)
+        nw = (1 + 0.5 * np.random.default_rng(i).standard_normal(n_in)).astype(np.float32)
+        for n in (1, 5, 39):
+            x = np.random.default_rng(20 + n).standard_normal((1, n, n_in)).astype(np.float32) * 3
+            y = vm["forward"](tvm.runtime.tensor(x), tvm.runtime.tensor(nw), tvm.runtime.tensor(qw),
+                              tvm.runtime.tensor(sc)).numpy()
+            xn = x[0] / np.sqrt(np.mean(x[0] ** 2, axis=-1, keepdims=True) + np.float32(NORM_EPS)) * nw
+            check(y[0], xn.astype(np.float32), qw, sc)
+
+
 # ---------------------------------------------------------------- structure: the dequantize is fused
 _BUF = re.compile(r'(?:Buffer|alloc_buffer|match_buffer)\((?:[^()]*?,\s*)?\(((?:T\.int64\(\d+\)|\d+)'
                   r'(?:,\s*(?:T\.int64\(\d+\)|\d+))*),?\)(?:,\s*"(\w+)")?')
@@ -168,6 +203,10 @@ def test_every_quantized_linear_of_the_model_is_fused(scheme):
     # w2's input, silu(gate) * up, is computed by the activation quantiser (q4_quant_swiglu): no silu left
     calls = "\n".join(out[f].script() for f in ("prefill", "decode", "batch_prefill", "batch_decode"))
     assert calls.count("mcpm_q4_quant_swiglu, ") == 4 * cfg.num_hidden_layers and "R.nn.silu" not in calls
+    # every block's RMSNorms (attention_norm, ffn_norm) are computed by the quantiser; the final norm stays
+    # (the head's input is that norm divided by hidden_size / dim_model_base)
+    assert calls.count("mcpm_q4_quant_rmsnorm, ") == 4 * 2 * cfg.num_hidden_layers
+    assert calls.count("R.nn.rms_norm(") == 4
     assert float_buffers_at_least(lowered(out, target), 256 * 256) == []
 
 

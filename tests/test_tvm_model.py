@@ -68,6 +68,11 @@ def test_greedy_tokens_and_logits_match_reference(built, tiny):
     assert got.tokens == want
     diff = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got.logits, ref_logits))
     assert diff < LOGIT_ATOL, f"{scheme}: max |logit diff| {diff}"
+    # a second generation reuses the one KV cache, cleared (runner.TVMModel.new_cache): the same numbers
+    kv = model.kv
+    again = model.generate(prompt, n)
+    assert model.kv.same_as(kv) and again.tokens == got.tokens
+    assert all(np.array_equal(a, b) for a, b in zip(again.logits, got.logits))
 
 
 def test_float16_kv_cache_matches_reference(tiny):

@@ -13,7 +13,9 @@ Relax dataflow pattern, into two opaque ``call_tir``s that never materialise ``w
     (y2, _)      = call_tir(mcpm_q4_rows, (q_weight, q_scale, xq, nb, xd))  # + a scratch row counter
 
 When x is the MLP's ``silu(gate) * up`` of a split ``h`` (w2's input), the quantiser is
-``mcpm_q4_quant_swiglu(h)``, which computes it as it reads h (the silu and multiply disappear).
+``mcpm_q4_quant_swiglu(h)``, which computes it as it reads h (the silu and multiply disappear); when x is
+``rms_norm(r, w)`` (wqkv's, w13's and the head's input), it is ``mcpm_q4_quant_rmsnorm(r, w)`` (the norm
+disappears: one serial pass less per linear layer of a decode step).
 
 The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern`` (their
 names carry ``kernel_prefix(target)``, a hash of source and flags); the
@@ -205,6 +207,18 @@ def quant_act_func(kind: str, prefix: str, swiglu: bool = False) -> tirx.PrimFun
     return q8_quant
 
 
+def quant_rmsnorm_func(prefix: str, eps: float) -> tirx.PrimFunc:
+    """x float32 [m, k], w float32 [k] -> the int8 activation buffers of RMSNorm(x) * w (epsilon eps)."""
+    sym = f"{prefix}q4_quant_rmsnorm"
+
+    @T.prim_func(private=True)
+    def q4_quant_rmsnorm(x: T.handle, w: T.handle, xq: T.handle, nb: T.handle, xd: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.evaluate(T.call_extern("int32", sym, x, w, xq, nb, xd, T.float32(eps)))
+
+    return q4_quant_rmsnorm
+
+
 def matmul_rows_func(kind: str, prefix: str) -> tirx.PrimFunc:
     """y[m, n_out] (and a scratch row counter) from the weights and the quantised activations.
 
@@ -268,6 +282,7 @@ class _Rewriter:
         self.bb = relax.BlockBuilder(mod)
         self.prefix = prefix
         self.kernels: dict[str, relax.GlobalVar] = {}
+        self.norm_eps: dict[float, int] = {}      # RMSNorm epsilon -> index of its quantiser
         self.count = 0
         self.var2val: dict = {}
         self.x, self.qw, self.sc, self.fn = wildcard(), wildcard(), wildcard(), wildcard()
@@ -298,6 +313,19 @@ class _Rewriter:
         halves = int(split.attrs.indices_or_sections) == 2 and int(split.attrs.axis) in (-1, len(dims) - 1)
         return h if halves else None
 
+    def rmsnorm_input(self, x: relax.Expr, k: int) -> tuple[relax.Expr, relax.Expr, float] | None:
+        """(r, w, epsilon) when x is rms_norm(r, w) over the last axis, r float32 [..., k], w float32 [k]."""
+        norm = self.var2val.get(x, x) if isinstance(x, relax.Var) else x
+        if not (isinstance(norm, relax.Call) and getattr(norm.op, "name", "") == "relax.nn.rms_norm"):
+            return None
+        r, w = norm.args
+        rdims = _static_shape(r.ty) or getattr(getattr(r.ty, "shape", None), "values", None)
+        axes = [int(a) for a in norm.attrs.axes]
+        if (not rdims or _static_shape(w.ty) != (k,) or str(r.ty.dtype) != "float32" or str(w.ty.dtype) != "float32"
+                or axes not in ([-1], [len(rdims) - 1])):
+            return None
+        return r, w, float(norm.attrs.epsilon)
+
     def _func(self, name: str, make) -> relax.GlobalVar:
         if name not in self.kernels:
             self.kernels[name] = self.bb.add_func(make().with_attr("global_symbol", name), name)
@@ -323,15 +351,24 @@ class _Rewriter:
         rows = tirx.IntImm("int64", 1)
         for d in dims[:-1]:
             rows = rows * d
-        h = self.swiglu_input(x, k) if kind == "q4" else None
-        x2 = relax.op.reshape(x if h is None else h, relax.ShapeExpr([rows, k if h is None else 2 * k]))
         i8, i32, f32 = "int8", "int32", "float32"
         acts = [relax.TensorType([rows * k], i8), relax.TensorType([rows * (k // GROUP)], f32)]
         if kind == "q4":
             acts.insert(1, relax.TensorType([rows * (k // 8)], i32))
-        name = f"mcpm_{kind}_quant" + ("" if h is None else "_swiglu")
-        quant = relax.op.call_tir(self._func(name, lambda: quant_act_func(kind, self.prefix, h is not None)),
-                                  relax.Tuple([x2]), acts)
+        h = self.swiglu_input(x, k) if kind == "q4" else None
+        norm = self.rmsnorm_input(x, k) if kind == "q4" and h is None else None
+        if h is not None:
+            fn = self._func("mcpm_q4_quant_swiglu", lambda: quant_act_func(kind, self.prefix, swiglu=True))
+            ins = [relax.op.reshape(h, relax.ShapeExpr([rows, 2 * k]))]
+        elif norm is not None:
+            r, w, eps = norm
+            i = self.norm_eps.setdefault(eps, len(self.norm_eps))
+            fn = self._func(f"mcpm_q4_quant_rmsnorm{i or ''}", lambda: quant_rmsnorm_func(self.prefix, eps))
+            ins = [relax.op.reshape(r, relax.ShapeExpr([rows, k])), w]
+        else:
+            fn = self._func(f"mcpm_{kind}_quant", lambda: quant_act_func(kind, self.prefix))
+            ins = [relax.op.reshape(x, relax.ShapeExpr([rows, k]))]
+        quant = relax.op.call_tir(fn, relax.Tuple(ins), acts)
         ins = [qw, sc] + [relax.TupleGetItem(quant, i) for i in range(len(acts))]
         rows_fn = self._func(f"mcpm_{kind}_rows", lambda: matmul_rows_func(kind, self.prefix))
         res = relax.op.call_tir(rows_fn, relax.Tuple(ins),

@@ -95,10 +95,25 @@ static inline void quant_group_x86(const float* xg, int8_t* ev, int8_t* od, int3
 }
 #endif
 
+/* 1 / sqrt(mean(x^2) + eps) of k floats: the RMSNorm factor. */
+static inline float rms_inv(const float* x, int64_t k, float eps) {
+  float s = 0.f;
+  int64_t i = 0;
+#ifdef VW
+  vf acc = VSET1(0.f);
+  for (; i + VW <= k; i += VW) acc = VFMA(VLOAD_F(x + i), VLOAD_F(x + i), acc);
+  s = VSUM(acc);
+#endif
+  for (; i < k; i++) s += x[i] * x[i];
+  return 1.f / __builtin_sqrtf(s / (float)k + eps);
+}
+
 /* Quantise m tokens of k inputs (row stride ld): xq int8[m*k], nb int32[m*k/8], xd float[m*k/32].  With
- * `up` (row stride ld too) the inputs are silu(x) * up, the SwiGLU of the MLP, computed as they are read. */
-static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m, int64_t k, int8_t* xq,
-                         int32_t* nb, float* xd) {
+ * `up` (row stride ld too) the inputs are silu(x) * up, the SwiGLU of the MLP; with `nw` they are
+ * RMSNorm(x) * nw (epsilon eps, over the k inputs of a token), the norm before a block's first linear
+ * layer.  Either is computed as the inputs are read. */
+static void q4_quant_act(const float* x, const float* up, const float* nw, float eps, int64_t ld, int64_t m,
+                         int64_t k, int8_t* xq, int32_t* nb, float* xd) {
   const int64_t G = k / 32;
 #ifdef QUAD_ACT
   const int64_t mq = m >= 4 ? m & ~(int64_t)3 : 0;
@@ -108,6 +123,7 @@ static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m,
     int8_t* qt = xq + t * k;
     int32_t* nt = nb + t * (k / 8);
     float* dt = xd + t * G;
+    const float inv = nw ? rms_inv(xt, k, eps) : 1.f;
     for (int64_t g0 = 0; g0 < G;) {
       const int64_t nblk = (g0 + BLK <= G) ? BLK : 1;
       const int64_t base = g0 * 32;
@@ -123,6 +139,14 @@ static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m,
           for (int e = 0; e < 32; e += VW) VSTORE(sw + e, VMUL(silu_v(VLOAD_F(xg + e)), VLOAD_F(ug + e)));
 #else
           for (int e = 0; e < 32; e++) sw[e] = silu(xg[e]) * ug[e];
+#endif
+          xg = sw;
+        } else if (nw) {
+          const float* wg = nw + (g0 + j) * 32;
+#ifdef VW
+          for (int e = 0; e < 32; e += VW) VSTORE(sw + e, VMUL(VMUL(VLOAD_F(xg + e), VSET1(inv)), VLOAD_F(wg + e)));
+#else
+          for (int e = 0; e < 32; e++) sw[e] = xg[e] * inv * wg[e];
 #endif
           xg = sw;
         }
@@ -165,15 +189,22 @@ static void q4_quant_act(const float* x, const float* up, int64_t ld, int64_t m,
 
 /* x float32 [m, k] -> xq int8 [m*k], nb int32 [m*k/8], xd float32 [m*k/32] */
 KEXPORT int32_t KSYM(q4_quant_act)(const DLT* x, DLT* xq, DLT* nb, DLT* xd) {
-  q4_quant_act(PTR(const float, x), 0, x->shape[1], x->shape[0], x->shape[1], PTR(int8_t, xq), PTR(int32_t, nb),
-               PTR(float, xd));
+  q4_quant_act(PTR(const float, x), 0, 0, 0.f, x->shape[1], x->shape[0], x->shape[1], PTR(int8_t, xq),
+               PTR(int32_t, nb), PTR(float, xd));
+  return 0;
+}
+
+/* x float32 [m, k], w float32 [k] -> the same buffers for RMSNorm(x) * w */
+KEXPORT int32_t KSYM(q4_quant_rmsnorm)(const DLT* x, const DLT* w, DLT* xq, DLT* nb, DLT* xd, float eps) {
+  q4_quant_act(PTR(const float, x), 0, PTR(const float, w), eps, x->shape[1], x->shape[0], x->shape[1],
+               PTR(int8_t, xq), PTR(int32_t, nb), PTR(float, xd));
   return 0;
 }
 
 /* h float32 [m, 2k] = gate;up -> the same buffers for silu(gate) * up [m, k] */
 KEXPORT int32_t KSYM(q4_quant_swiglu)(const DLT* h, DLT* xq, DLT* nb, DLT* xd) {
   const int64_t k = h->shape[1] / 2;
-  q4_quant_act(PTR(const float, h), PTR(const float, h) + k, 2 * k, h->shape[0], k, PTR(int8_t, xq),
+  q4_quant_act(PTR(const float, h), PTR(const float, h) + k, 0, 0.f, 2 * k, h->shape[0], k, PTR(int8_t, xq),
                PTR(int32_t, nb), PTR(float, xd));
   return 0;
 }
