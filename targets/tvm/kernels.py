@@ -14,8 +14,9 @@ Relax dataflow pattern, into two opaque ``call_tir``s that never materialise ``w
 
 When x is the MLP's ``silu(gate) * up`` of a split ``h`` (w2's input), the quantiser is
 ``mcpm_q4_quant_swiglu(h)``, which computes it as it reads h (the silu and multiply disappear); when x is
-``rms_norm(r, w)`` (wqkv's, w13's and the head's input), it is ``mcpm_q4_quant_rmsnorm(r, w)`` (the norm
-disappears: one serial pass less per linear layer of a decode step).
+``rms_norm(r, w)`` (a block's wqkv and w13 inputs), it is ``mcpm_q4_quant_rmsnorm(r, w)`` (the norm
+disappears: one serial pass and one kernel call less per norm of a decode step). The head's input is the
+final norm divided by hidden_size / dim_model_base, so that norm stays.
 
 The TIR wrappers call the C microkernels of microkernels/q4_matmul.c with ``T.call_extern`` (their
 names carry ``kernel_prefix(target)``, a hash of source and flags); the

@@ -110,8 +110,8 @@ static inline float rms_inv(const float* x, int64_t k, float eps) {
 
 /* Quantise m tokens of k inputs (row stride ld): xq int8[m*k], nb int32[m*k/8], xd float[m*k/32].  With
  * `up` (row stride ld too) the inputs are silu(x) * up, the SwiGLU of the MLP; with `nw` they are
- * RMSNorm(x) * nw (epsilon eps, over the k inputs of a token), the norm before a block's first linear
- * layer.  Either is computed as the inputs are read. */
+ * RMSNorm(x) * nw (epsilon eps, over the k inputs of a token), a block's norm before wqkv or w13.  Either
+ * is computed as the inputs are read. */
 static void q4_quant_act(const float* x, const float* up, const float* nw, float eps, int64_t ld, int64_t m,
                          int64_t k, int8_t* xq, int32_t* nb, float* xd) {
   const int64_t G = k / 32;
