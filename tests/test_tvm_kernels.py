@@ -41,6 +41,9 @@ class Linear(nn.Module):
         return self.w(x)
 
 
+NORM_EPS = 1e-5
+
+
 class NormLinear(nn.Module):
     """RMSNorm then a q4 linear layer: a block's attention_norm + wqkv."""
     def __init__(self, n_out: int, n_in: int):
@@ -49,9 +52,6 @@ class NormLinear(nn.Module):
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         return self.w(self.norm(x))
-
-
-NORM_EPS = 1e-5
 
 
 def linear_ir(n_out: int, n_in: int, kind: str = Q4, norm: bool = False) -> tvm.IRModule:
@@ -95,6 +95,12 @@ def check(y: np.ndarray, x: np.ndarray, qw: np.ndarray, sc: np.ndarray) -> None:
     assert np.all(np.abs(y - ref) <= 0.03 * np.abs(ref).max(axis=1, keepdims=True))
 
 
+def x86_target(mcpu: str) -> tvm.target.Target:
+    """This machine's host target ("host") or an x86_64 one for another CPU (an older ISA path)."""
+    return kernels.host_target() if mcpu == "host" else tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+
+
 def build_host(mod: tvm.IRModule, target: tvm.target.Target, path: Path) -> relax.VirtualMachine:
     ex = tvm.compile(kernels.optimize_for_cpu(mod, target), target)
     ex.export_library(str(path))
@@ -109,8 +115,7 @@ HOST_ISAS = ["x86-64", pytest.param("haswell", marks=pytest.mark.slow),
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 ISA variants need an x86_64 host")
 @pytest.mark.parametrize("mcpu", HOST_ISAS)
 def test_fused_matches_numpy_host(tmp_path, mcpu):
-    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    target = x86_target(mcpu)
     isa = kernels.isa_of(target)
     if mcpu != "host":
         assert isa == {"x86-64": "portable-c", "haswell": "avx2", "skylake-avx512": "avx512bw"}[mcpu]
@@ -132,8 +137,7 @@ def test_fused_matches_numpy_host(tmp_path, mcpu):
 def test_rmsnorm_quantiser_matches_numpy(tmp_path, mcpu):
     """rms_norm(x, w) feeding a q4 linear layer is computed by its quantiser (mcpm_q4_quant_rmsnorm): the
     layer's output against numpy's RMSNorm then the kernel maths, at check()'s tolerances."""
-    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    target = x86_target(mcpu)
     for i, (n_out, n_in) in enumerate(SHAPES[1:]):
         mod = linear_ir(n_out, n_in, norm=True)
         assert "mcpm_q4_quant_rmsnorm" in kernels.optimize_for_cpu(mod, target)["forward"].script()
@@ -326,8 +330,7 @@ def test_attention_kernels_match_tvm_kernels(tmp_path, model, kv_dtype, mcpu):
     cfg = MiniCPMConfig.from_hf(ck.raw_config)
     assert cfg.num_attention_heads == 2 * cfg.num_key_value_heads
     assert cfg.head_dim == {"tiny": 32, "hd64": 64}[model]
-    target = kernels.host_target() if mcpu == "host" else tvm.target.Target(
-        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    target = x86_target(mcpu)
     mod, specs = pipeline.export_ir(cfg, None, target, context_window=160, prefill_chunk=150, kv_dtype=kv_dtype)
     state = ck.text_tensors(cfg)
     if model == "hd64":     # random weights attend almost uniformly: sharpen the scores (online-softmax rescales)

@@ -320,7 +320,7 @@ class _Rewriter:
         if not (isinstance(norm, relax.Call) and getattr(norm.op, "name", "") == "relax.nn.rms_norm"):
             return None
         r, w = norm.args
-        rdims = _static_shape(r.ty) or getattr(getattr(r.ty, "shape", None), "values", None)
+        rdims = getattr(getattr(r.ty, "shape", None), "values", None)
         axes = [int(a) for a in norm.attrs.axes]
         if (not rdims or _static_shape(w.ty) != (k,) or str(r.ty.dtype) != "float32" or str(w.ty.dtype) != "float32"
                 or axes not in ([-1], [len(rdims) - 1])):
