@@ -84,7 +84,7 @@ class TVMModel:
         self._begin = g("vm.builtin.kv_state_begin_forward")
         self._end = g("vm.builtin.kv_state_end_forward")
         self._clear = g("vm.builtin.kv_state_clear")
-        self._kv, self._kv_size = None, None
+        self.kv, self._kv_size = None, None     # the one KV cache (new_cache)
 
         self.workspace = self.vm["alloc_embedding_tensor"]()    # [prefill_chunk of the library, hidden]
         self.hidden = int(self.workspace.shape[1])
@@ -96,15 +96,15 @@ class TVMModel:
         later ones, as MLC's engine keeps one cache: a new one is fresh memory, and its first pass takes a
         page fault per 4 KiB of KV (~90 per decoded token at MiniCPM-2B's width) on the calling thread."""
         size = (self.context_window, self.prefill_chunk)
-        if self._kv is None or self._kv_size != size:
+        if self.kv is None or self._kv_size != size:
             S = tvm.runtime.ShapeTuple
-            self._kv = None                   # the old cache's memory goes before the new one is made
-            self._kv = self.vm["create_tir_paged_kv_cache"](S([1]), S([size[0]]), S([size[1]]), S([PAGE_SIZE]), S([0]))
+            self.kv = None                    # the old cache's memory goes before the new one is made
+            self.kv = self.vm["create_tir_paged_kv_cache"](S([1]), S([size[0]]), S([size[1]]), S([PAGE_SIZE]), S([0]))
             self._kv_size = size
         else:
-            self._clear(self._kv)
-        self._add_seq(self._kv, 0)
-        return self._kv
+            self._clear(self.kv)
+        self._add_seq(self.kv, 0)
+        return self.kv
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """embed(ids) -> float32[n, hidden] (already * scale_emb)."""
@@ -128,7 +128,7 @@ class TVMModel:
 
     def prefill(self, ids: list[int], embed_hook: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """exporter/parity Engine: a fresh KV cache, embed (+ ``embed_hook``), chunked prefill; last logits."""
-        self.kv = self.new_cache()
+        self.new_cache()
         embeds = self.embed(ids)
         return self.forward_chunks(self.kv, embed_hook(embeds) if embed_hook else embeds)
 
