@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from tvm.support import cc
 
 from exporter.quant import quantize_weight, unpack_int4, unpack_int8
 from exporter.recipes import EMBEDDED_DIR
+from runner import build as runner_build
 from targets.tvm import kernels
 from targets.tvm.model import Q4, Q8, QWeight
 
@@ -234,17 +237,22 @@ A64_ROOT = CACHE / "tvm_aarch64" / "root"
 
 
 def aarch64_runtime() -> Path:
-    """The aarch64 TVM runtime from the PyPI wheels, unpacked privately (never installed)."""
+    """The aarch64 TVM runtime (libraries and tvm_ffi headers), unpacked privately (never installed) from
+    the pinned, sha256-checked wheels that scripts/install.sh fetched for the on-device runner: the
+    tests download nothing."""
     if (A64_ROOT / "tvm" / "lib" / "libtvm_runtime.so").exists():
         return A64_ROOT
-    whl = CACHE / "tvm_aarch64" / "whl"
-    for spec in ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"):
-        subprocess.run(["pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
-                        "--platform", "manylinux_2_28_aarch64", "-d", str(whl), spec], check=True,
-                       capture_output=True)
-    A64_ROOT.mkdir(parents=True, exist_ok=True)
-    for w in whl.glob("*.whl"):
-        subprocess.run(["unzip", "-qo", str(w), "tvm_ffi/*", "tvm/lib/*", "-d", str(A64_ROOT)], check=False)
+    wheels = runner_build.cached_wheels(runner_build.default_cache_dir() / "wheels")
+    A64_ROOT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=A64_ROOT.parent, prefix=".unpack-")
+    try:
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                z.extractall(tmp, [n for n in z.namelist() if n.startswith(("tvm_ffi/", "tvm/lib/"))])
+        shutil.rmtree(A64_ROOT, ignore_errors=True)         # an unpack of the old code, cut short
+        os.replace(tmp, A64_ROOT)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return A64_ROOT
 
 
